@@ -1,0 +1,422 @@
+"""One frozen dataclass per component, and the run's config that groups them.
+
+The same fields drive three things: config files (TOML or JSON, one table per section),
+command-line flags (``--field-name``, with the default shown in ``--help``), and the
+``config.json`` saved beside every checkpoint. Validation happens in ``__post_init__``, so a
+bad value is a :class:`~ddpmkit.errors.ConfigError` naming the field and the value, wherever it
+came from. This module imports nothing heavy (no torch), so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+
+SCHEDULES = ("linear", "cosine", "sigmoid")
+PREDICTIONS = ("eps", "x0", "v")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+LOSSES = ("simple", "vlb", "hybrid")
+SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++3m", "heun")
+SPACINGS = ("trailing", "quadratic")
+PRECISIONS = ("fp32", "bf16", "fp16")
+TIMESTEP_SAMPLERS = ("uniform", "loss_aware")
+POINT_SETS = ("moons", "swissroll", "8gaussians", "checkerboard", "circles")
+
+
+def _help(text: str, **extra: Any) -> dict:
+    return {"help": text, **extra}
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        more = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}{more}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = field(default="digits", metadata=_help(
+        "data set: digits | moons | swissroll | 8gaussians | checkerboard | circles, "
+        "or a path to an image folder or a .npy/.npz array"))
+    image_size: int = field(default=0, metadata=_help(
+        "resize + centre-crop images to this size (0: keep the data's own size)"))
+    channels: int = field(default=0, metadata=_help("1 (grey) or 3 (RGB); 0: the data's own"))
+    flip: bool = field(default=False, metadata=_help("random horizontal flips while training"))
+    bad_files: str = field(default="skip", metadata=_help(
+        "unreadable files in an image folder: 'skip' (warn and count) or 'fail'"))
+    num_points: int = field(default=20000, metadata=_help("training points for the 2-D sets"))
+
+    def __post_init__(self) -> None:
+        _positive("image_size", self.image_size, allow_zero=True)
+        _choice("channels", self.channels, (0, 1, 3))
+        _choice("bad_files", self.bad_files, ("skip", "fail"))
+        _positive("num_points", self.num_points)
+
+    @property
+    def is_points(self) -> bool:
+        return self.name in POINT_SETS
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The denoising network. ``arch='unet'`` for images, ``'mlp'`` for 2-D points.
+
+    ``in_channels``, ``out_channels`` and ``image_size`` are filled in from the data and the
+    diffusion (``out_channels`` doubles for ``learned_range``) when a run starts.
+    """
+
+    arch: str = field(default="unet", metadata=_help("unet (images) or mlp (2-D points)"))
+    channels: int = field(default=128, metadata=_help("U-Net base channels / MLP width"))
+    channel_mult: tuple[int, ...] = field(default=(1, 2, 2, 2), metadata=_help(
+        "U-Net channel multiplier per resolution level"))
+    num_res_blocks: int = field(default=2, metadata=_help(
+        "residual blocks per U-Net level / MLP residual blocks"))
+    attention_resolutions: tuple[int, ...] = field(default=(16,), metadata=_help(
+        "feature-map sizes that get self-attention"))
+    num_heads: int = field(default=1, metadata=_help("attention heads"))
+    dropout: float = field(default=0.1, metadata=_help("dropout in residual blocks"))
+    groups: int = field(default=32, metadata=_help("GroupNorm groups"))
+    in_channels: int = field(default=3, metadata=_help("data channels (set from the data)",
+                                                        cli=False))
+    out_channels: int = field(default=0, metadata=_help(
+        "output channels; 0: in_channels, doubled for learned_range", cli=False))
+    image_size: int = field(default=32, metadata=_help("input size (set from the data)",
+                                                        cli=False))
+    grad_checkpointing: bool = field(default=False, metadata=_help(
+        "recompute activations in the backward pass to save memory"))
+
+    def __post_init__(self) -> None:
+        _choice("arch", self.arch, ("unet", "mlp"))
+        for name in ("channels", "num_res_blocks", "num_heads", "groups", "in_channels",
+                     "image_size"):
+            _positive(name, getattr(self, name))
+        _positive("out_channels", self.out_channels, allow_zero=True)
+        if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
+            raise ConfigError(f"channel_mult={self.channel_mult!r} must be positive integers")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: str = field(default="linear", metadata=_help("beta schedule: linear | cosine | "
+                                                           "sigmoid"))
+    timesteps: int = field(default=1000, metadata=_help("number of diffusion steps T"))
+    prediction: str = field(default="eps", metadata=_help("network target: eps | x0 | v"))
+    variance: str = field(default="fixed_small", metadata=_help(
+        "reverse variance: fixed_small | fixed_large | learned_range"))
+    loss: str = field(default="simple", metadata=_help("simple | vlb | hybrid"))
+    hybrid_lambda: float = field(default=0.001, metadata=_help(
+        "weight of the bound in the hybrid loss (Improved DDPM)"))
+
+    def __post_init__(self) -> None:
+        _choice("schedule", self.schedule, SCHEDULES)
+        if not isinstance(self.timesteps, int) or self.timesteps < 1:
+            raise ConfigError(f"timesteps={self.timesteps!r} must be an integer >= 1")
+        _choice("prediction", self.prediction, PREDICTIONS)
+        _choice("variance", self.variance, VARIANCES)
+        _choice("loss", self.loss, LOSSES)
+        _positive("hybrid_lambda", self.hybrid_lambda, allow_zero=True)
+        if self.loss == "hybrid" and self.variance != "learned_range":
+            # With a fixed variance the hybrid's bound term has no gradient at all.
+            raise ConfigError("loss='hybrid' trains the variance: use variance='learned_range'")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = field(default=128, metadata=_help("images per optimizer step, per process"))
+    lr: float = field(default=2e-4, metadata=_help("peak learning rate (AdamW)"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    warmup_steps: int = field(default=100, metadata=_help("linear learning-rate warm-up steps"))
+    lr_decay: str = field(default="none", metadata=_help(
+        "after warm-up: 'none' (constant) or 'cosine' (to 0 at max_steps)"))
+    max_steps: int = field(default=0, metadata=_help("stop after this many steps (0: no limit)"))
+    max_minutes: float = field(default=0.0, metadata=_help(
+        "stop after this much wall time (0: no limit)"))
+    grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm (0: off)"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    ema_half_life: float = field(default=50_000.0, metadata=_help(
+        "EMA half-life in training images"))
+    ema_rampup: float = field(default=0.1, metadata=_help(
+        "EMA half-life at most this fraction of images seen so far (0: off)"))
+    precision: str = field(default="fp32", metadata=_help(
+        "fp32 | bf16 | fp16 (mixed precision; CUDA only)"))
+    timestep_sampler: str = field(default="uniform", metadata=_help(
+        "uniform | loss_aware (Improved DDPM importance sampling, for vlb)"))
+    checkpoint_every: int = field(default=1000, metadata=_help("steps between checkpoints"))
+    keep_checkpoints: int = field(default=3, metadata=_help("newest checkpoints kept"))
+    sample_every: int = field(default=0, metadata=_help(
+        "steps between sample grids (0: only at the end)"))
+    log_every: int = field(default=50, metadata=_help("steps between metric rows"))
+    max_bad_steps: int = field(default=10, metadata=_help(
+        "consecutive non-finite steps before training stops"))
+    seed: int = field(default=0, metadata=_help("random seed"))
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N"))
+    compile: bool = field(default=False, metadata=_help("torch.compile the network"))
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "lr", "grad_accum", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "max_bad_steps"):
+            _positive(name, getattr(self, name))
+        for name in ("weight_decay", "warmup_steps", "max_steps", "max_minutes", "grad_clip",
+                     "ema_half_life", "ema_rampup", "sample_every"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        _choice("lr_decay", self.lr_decay, ("none", "cosine"))
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: str = field(default="ancestral", metadata=_help(
+        "ancestral | ddim | dpm++2m | dpm++3m | heun"))
+    steps: int = field(default=0, metadata=_help("network calls / kept steps (0: all T)"))
+    spacing: str = field(default="trailing", metadata=_help(
+        "which steps to keep: trailing | quadratic | a list of section counts like '10,15,20'"))
+    eta: float = field(default=0.0, metadata=_help("DDIM noise: 0 deterministic, 1 ancestral"))
+    num: int = field(default=64, metadata=_help("number of samples"))
+    seed: int = field(default=0, metadata=_help("random seed (sample i uses seed + i)"))
+    batch_size: int = field(default=256, metadata=_help("samples per network call"))
+    clip_denoised: bool = field(default=True, metadata=_help("clip predicted x0 to [-1, 1]"))
+
+    def __post_init__(self) -> None:
+        _choice("sampler", self.sampler, SAMPLERS)
+        _positive("steps", self.steps, allow_zero=True)
+        _positive("num", self.num)
+        _positive("batch_size", self.batch_size)
+        if not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(f"eta={self.eta!r} must be in [0, 1]")
+        if self.spacing not in SPACINGS:
+            parts = self.spacing.split(",")
+            if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+                raise ConfigError(f"spacing={self.spacing!r} must be trailing, quadratic or "
+                                  "a comma-separated list of positive counts")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    version: int = CONFIG_VERSION
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict, base: RunConfig | None = None) -> RunConfig:
+        """Build from nested dicts, on top of ``base``; unknown keys are errors."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a table of sections, got {type(d).__name__}")
+        base = base or cls()
+        version = d.get("version", CONFIG_VERSION)
+        if not isinstance(version, int) or version > CONFIG_VERSION:
+            raise ConfigError(f"config version {version!r} is newer than this ddpmkit "
+                              f"understands ({CONFIG_VERSION}); upgrade ddpmkit")
+        unknown = set(d) - set(SECTIONS) - {"version"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(f"unknown config section {key!r}{_did_you_mean(key, SECTIONS)}")
+        parts = {}
+        for name, section_cls in SECTIONS.items():
+            parts[name] = section_from_dict(section_cls, d.get(name, {}), getattr(base, name),
+                                            where=name)
+        return cls(**parts)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def load(cls, path: str | Path, base: RunConfig | None = None) -> RunConfig:
+        """Read a ``.toml`` or ``.json`` config file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        if path.suffix == ".json":
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        else:
+            toml = _tomllib()
+            try:
+                d = toml.loads(text)
+            except toml.TOMLDecodeError as e:
+                raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        return cls.from_dict(d, base=base)
+
+    def replace(self, **sections: Any) -> RunConfig:
+        return dataclasses.replace(self, **sections)
+
+
+def _tomllib():
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    return tomllib
+
+
+def _did_you_mean(key: str, options) -> str:
+    hint = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check/convert one value to a field's declared type; strings (from flags) are parsed."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out = float(value)
+        elif isinstance(value, str):
+            try:
+                out = float(value)
+            except ValueError:
+                raise ConfigError(f"{name}={value!r} must be a number") from None
+        else:
+            raise ConfigError(f"{name}={value!r} must be a number")
+        if out != out or out in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name}={value!r} must be a finite number")
+        return out
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}={value!r} must be a string")
+    if origin is tuple:
+        if isinstance(value, str):
+            items = [v for v in value.replace(" ", "").split(",") if v != ""]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            items = [value]
+        else:
+            raise ConfigError(f"{name}={value!r} must be a list of integers")
+        return tuple(coerce(name, v, int) for v in items)
+    if origin in (typing.Union, types.UnionType):  # pragma: no cover - not used yet
+        return value
+    raise ConfigError(f"{name}: unsupported type {tp}")  # pragma: no cover
+
+
+def section_from_dict(cls: type, d: Any, base: Any = None, where: str = "") -> Any:
+    """Override ``base`` (or the defaults) of dataclass ``cls`` with the keys of ``d``."""
+    label = where or cls.__name__
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section [{label}] must be a table, got {d!r}")
+    hints = _field_types(cls)
+    names = [f.name for f in fields(cls)]
+    values = {}
+    for key, value in d.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key {key!r} in [{label}]{_did_you_mean(key, names)}")
+        values[key] = coerce(f"{label}.{key}" if where else key, value, hints[key])
+    base = base if base is not None else cls()
+    try:
+        return dataclasses.replace(base, **values)
+    except TypeError as e:  # pragma: no cover - guarded above
+        raise ConfigError(str(e)) from None
+
+
+# ---- command-line flags derived from the dataclasses -------------------------------------
+
+def flag_name(field_name: str, prefix: str = "") -> str:
+    return "--" + (prefix + field_name).replace("_", "-")
+
+
+def add_flags(parser, cls: type, prefix: str = "", group_title: str | None = None,
+              defaults: Any = None) -> None:
+    """Add one ``--flag`` per CLI-visible field of ``cls``; parsed values stay strings.
+
+    Flags default to ``None`` (meaning: not given), so a config file's value is only
+    overridden by flags the user actually typed. ``--help`` shows the built-in default.
+    """
+    group = parser.add_argument_group(group_title or cls.__name__)
+    defaults = defaults if defaults is not None else cls()
+    hints = _field_types(cls)
+    for f in fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        default = getattr(defaults, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        kwargs = dict(default=None, dest=prefix + f.name,
+                      help=f"{f.metadata.get('help', '')} (default: {shown})")
+        if hints[f.name] is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        else:
+            kwargs.update(metavar=f.name.upper())
+        group.add_argument(flag_name(f.name, prefix), **kwargs)
+
+
+def flags_to_dict(args, cls: type, prefix: str = "") -> dict:
+    """The flags of ``cls`` that were given on the command line, as a section dict."""
+    out = {}
+    for f in fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        value = getattr(args, prefix + f.name, None)
+        if value is not None:
+            out[f.name] = value
+    return out
