@@ -399,7 +399,7 @@ def test_bad_frames_raise(tmp_path, save):
     out = tmp_path / "x.out"
     with pytest.raises(DataError, match="empty"):
         save([], out)
-    with pytest.raises(DataError, match=r"frames\[1\].*\[2, 1, 8, 8\]"):
+    with pytest.raises(DataError, match=r"frames\[0\] is \[2, 1, 8, 8\] but frames\[1\] is \[3, 1, 8, 8\]"):
         save([torch.zeros(2, 1, 8, 8), torch.zeros(3, 1, 8, 8)], out)
     with pytest.raises(DataError, match="same shape"):
         save([torch.zeros(2, 1, 8, 8), torch.zeros(2, 3, 8, 8)], out)

@@ -286,7 +286,7 @@ def save_strip(
     out = Image.new(body.mode, (body.width, band + body.height), white)
     out.paste(body, (0, band))
     draw = ImageDraw.Draw(out)
-    for j, (text, (left, top, right, _)) in enumerate(zip(labels, boxes)):
+    for j, (text, (left, top, right, _)) in enumerate(zip(labels, boxes, strict=True)):
         centre = (padding + j * (w + padding) + w / 2) * s
         draw.text((round(centre - (right - left) / 2 - left), margin - top), text,
                   fill=black, font=font)
@@ -411,9 +411,13 @@ def _plot_series(ax: Any, series: dict[str, tuple[list, list]], smooth: float) -
     for name, (steps, vals) in series.items():
         if not steps:
             continue
-        raw = ax.plot(steps, vals, alpha=0.3, linewidth=1,
-                      marker="o" if len(steps) == 1 else None)
-        ax.plot(steps, _smooth(vals, smooth), color=raw[0].get_color(), linewidth=1.8, label=name)
+        marker = "o" if len(steps) == 1 else None
+        if smooth == 0.0:
+            ax.plot(steps, vals, linewidth=1.5, marker=marker, label=name)
+        else:
+            raw = ax.plot(steps, vals, alpha=0.3, linewidth=1, marker=marker)
+            ax.plot(steps, _smooth(vals, smooth), color=raw[0].get_color(), linewidth=1.8,
+                    label=name)
         values.extend(vals)
     if values and min(values) > 0:
         ax.set_yscale("log")
@@ -431,9 +435,10 @@ def plot_loss_curve(
 
     The CSV needs a header row with a ``step`` column; empty cells are skipped. Each column in
     ``keys`` is drawn raw (faint) and smoothed (solid) by two-sided exponential smoothing with
-    weight ``smooth`` in [0, 1) (0: none; higher: smoother; the curve does not lag the data); the y axis is logarithmic when every
-    plotted value is positive. If columns ``loss_q0``, ``loss_q1``, ... (loss by timestep
-    quartile, q0 = smallest t) exist, a second panel shows them.
+    weight ``smooth`` in [0, 1) (0: none; higher: smoother; the curve does not lag the data).
+    The y axis is logarithmic when every plotted value is positive. If columns ``loss_q0``,
+    ``loss_q1``, ... (loss by timestep quartile, q0 = smallest t) exist, a second panel shows
+    them.
     """
     keys = [keys] if isinstance(keys, str) else list(keys)
     if not keys:
