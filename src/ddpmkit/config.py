@@ -42,7 +42,7 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         more = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}{more}")
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}{more}")
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -55,7 +55,7 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 class DataConfig:
     name: str = field(default="digits", metadata=_help(
         "data set: digits | moons | swissroll | 8gaussians | checkerboard | circles, "
-        "or a path to an image folder or a .npy/.npz array"))
+        "or a path to an image folder or a .npy/.npz array", flag="data"))
     image_size: int = field(default=0, metadata=_help(
         "resize + centre-crop images to this size (0: keep the data's own size)"))
     channels: int = field(default=0, metadata=_help("1 (grey) or 3 (RGB); 0: the data's own"))
@@ -84,7 +84,8 @@ class ModelConfig:
     """
 
     arch: str = field(default="unet", metadata=_help("unet (images) or mlp (2-D points)"))
-    channels: int = field(default=128, metadata=_help("U-Net base channels / MLP width"))
+    channels: int = field(default=128, metadata=_help("U-Net base channels / MLP width",
+                                                      flag="model_channels"))
     channel_mult: tuple[int, ...] = field(default=(1, 2, 2, 2), metadata=_help(
         "U-Net channel multiplier per resolution level"))
     num_res_blocks: int = field(default=2, metadata=_help(
@@ -248,7 +249,7 @@ class RunConfig:
         unknown = set(d) - set(SECTIONS) - {"version"}
         if unknown:
             key = sorted(unknown)[0]
-            raise ConfigError(f"unknown config section {key!r}{_did_you_mean(key, SECTIONS)}")
+            raise ConfigError(f"unknown config section {key!r}{did_you_mean(key, SECTIONS)}")
         parts = {}
         for name, section_cls in SECTIONS.items():
             parts[name] = section_from_dict(section_cls, d.get(name, {}), getattr(base, name),
@@ -296,7 +297,7 @@ def _tomllib():
     return tomllib
 
 
-def _did_you_mean(key: str, options) -> str:
+def did_you_mean(key: str, options) -> str:
     hint = difflib.get_close_matches(key, list(options), n=1)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
 
@@ -371,7 +372,7 @@ def section_from_dict(cls: type, d: Any, base: Any = None, where: str = "") -> A
     values = {}
     for key, value in d.items():
         if key not in hints:
-            raise ConfigError(f"unknown key {key!r} in [{label}]{_did_you_mean(key, names)}")
+            raise ConfigError(f"unknown key {key!r} in [{label}]{did_you_mean(key, names)}")
         values[key] = coerce(f"{label}.{key}" if where else key, value, hints[key])
     base = base if base is not None else cls()
     try:
@@ -382,8 +383,13 @@ def section_from_dict(cls: type, d: Any, base: Any = None, where: str = "") -> A
 
 # ---- command-line flags derived from the dataclasses -------------------------------------
 
-def flag_name(field_name: str, prefix: str = "") -> str:
-    return "--" + (prefix + field_name).replace("_", "-")
+def flag_dest(f: dataclasses.Field, prefix: str = "") -> str:
+    """The argparse destination of a field's flag (unique across sections)."""
+    return prefix + f.metadata.get("flag", f.name)
+
+
+def flag_name(f: dataclasses.Field, prefix: str = "") -> str:
+    return "--" + flag_dest(f, prefix).replace("_", "-")
 
 
 def add_flags(parser, cls: type, prefix: str = "", group_title: str | None = None,
@@ -401,13 +407,13 @@ def add_flags(parser, cls: type, prefix: str = "", group_title: str | None = Non
             continue
         default = getattr(defaults, f.name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        kwargs = dict(default=None, dest=prefix + f.name,
+        kwargs = dict(default=None, dest=flag_dest(f, prefix),
                       help=f"{f.metadata.get('help', '')} (default: {shown})")
         if hints[f.name] is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         else:
             kwargs.update(metavar=f.name.upper())
-        group.add_argument(flag_name(f.name, prefix), **kwargs)
+        group.add_argument(flag_name(f, prefix), **kwargs)
 
 
 def flags_to_dict(args, cls: type, prefix: str = "") -> dict:
@@ -416,7 +422,91 @@ def flags_to_dict(args, cls: type, prefix: str = "") -> dict:
     for f in fields(cls):
         if not f.metadata.get("cli", True):
             continue
-        value = getattr(args, prefix + f.name, None)
+        value = getattr(args, flag_dest(f, prefix), None)
         if value is not None:
             out[f.name] = value
     return out
+
+
+# ---- TOML output (the subset our configs use: tables of str/int/float/bool/int lists) -------
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")  # pragma: no cover
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The config as TOML, readable back by :meth:`RunConfig.load`."""
+    lines = [f"version = {cfg.version}"]
+    for name in SECTIONS:
+        lines.append(f"\n[{name}]")
+        for key, value in dataclasses.asdict(getattr(cfg, name)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- presets ---------------------------------------------------------------------------------
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # The published DDPM CIFAR-10 network (Ho et al. 2020, appendix B): 35.7M parameters.
+    "cifar10": ModelConfig(),
+    # The published 256x256 DDPM networks (CelebA-HQ, LSUN).
+    "celebahq256": ModelConfig(channel_mult=(1, 1, 2, 2, 4, 4), dropout=0.0, image_size=256),
+    # Built-in digits (8x8, 1 channel), sized for ~10 minutes of training on 2 CPU cores.
+    "digits": ModelConfig(channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                          attention_resolutions=(4,), dropout=0.1, groups=32, in_channels=1,
+                          image_size=8),
+    # A tiny network for tests.
+    "tiny": ModelConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(4,), dropout=0.0, groups=8, in_channels=1,
+                        image_size=8),
+    # 2-D points.
+    "toy2d": ModelConfig(arch="mlp", channels=128, num_res_blocks=3, dropout=0.0,
+                         attention_resolutions=(), in_channels=2, image_size=1),
+}
+MODEL_PRESETS["lsun256"] = MODEL_PRESETS["celebahq256"]
+
+RUN_PRESETS: dict[str, RunConfig] = {
+    "digits": RunConfig(
+        data=DataConfig(name="digits"),
+        model=MODEL_PRESETS["digits"],
+        diffusion=DiffusionConfig(schedule="cosine", timesteps=1000),
+        train=TrainConfig(batch_size=128, lr=1e-3, warmup_steps=200, max_minutes=8.0,
+                          ema_half_life=20_000.0, checkpoint_every=500, log_every=50),
+        sample=SampleConfig(num=100, seed=0),
+    ),
+    "toy2d": RunConfig(
+        data=DataConfig(name="moons"),
+        model=MODEL_PRESETS["toy2d"],
+        diffusion=DiffusionConfig(schedule="cosine", timesteps=1000),
+        train=TrainConfig(batch_size=512, lr=1e-3, warmup_steps=100, max_minutes=1.5,
+                          ema_half_life=100_000.0, checkpoint_every=1000, log_every=50),
+        sample=SampleConfig(num=2000, seed=0),
+    ),
+    "cifar10": RunConfig(
+        data=DataConfig(name="cifar10", flip=True),
+        model=MODEL_PRESETS["cifar10"],
+        diffusion=DiffusionConfig(schedule="linear", timesteps=1000),
+        train=TrainConfig(batch_size=128, lr=2e-4, warmup_steps=5000, max_steps=800_000,
+                          # DDPM's EMA decay 0.9999 per step of 128 images, as a half-life:
+                          # ln 0.5 / ln 0.9999 = 6931 steps = 887k images.
+                          grad_clip=1.0, ema_half_life=887_000.0,
+                          checkpoint_every=10_000, sample_every=10_000),
+    ),
+}
+
+
+def default_preset_for(data_name: str) -> str:
+    """The run preset used when only ``--data`` is given."""
+    if data_name in POINT_SETS:
+        return "toy2d"
+    if data_name == "digits":
+        return "digits"
+    return "cifar10"

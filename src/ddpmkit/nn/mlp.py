@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..config import ModelConfig
+from ..config import MODEL_PRESETS, ModelConfig
 from ..errors import ConfigError
 from .embeddings import TimeEmbedding
 
@@ -88,7 +88,4 @@ class MLPDenoiser(nn.Module):
 
 
 MLP_PRESETS: dict[str, ModelConfig] = {
-    # 2-D toy point sets: width 128, 3 residual blocks.
-    "toy2d": ModelConfig(arch="mlp", channels=128, num_res_blocks=3, dropout=0.0,
-                         attention_resolutions=(), in_channels=2, out_channels=2),
-}
+    name: cfg for name, cfg in MODEL_PRESETS.items() if cfg.arch == "mlp"}

@@ -23,8 +23,9 @@ every parameter keeps its shape, only the prefix changes:
     to_out.0); all are Linear layers over channels with biases, as in diffusers.
 
 ``up.0`` is the lowest-resolution level, as diffusers' ``up_blocks.0``. Modules are
-registered in diffusers' order (attentions before resnets inside a level, conv_in before the
-time embedding), so both state dicts also list their tensors in the same order.
+registered in diffusers' order (conv_in before the time embedding, ``up`` before ``mid``,
+attentions before resnets inside a level), so both state dicts list their tensors in the
+same order.
 
 Initialisation: conv/linear weights are Xavier-uniform (the published "fan_avg, uniform"
 variance scaling) with zero biases, and, as in the published DDPM code, the last layer of
@@ -45,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig
+from ..config import MODEL_PRESETS, ModelConfig
 from ..errors import ConfigError
 from .embeddings import TimeEmbedding
 
@@ -56,7 +57,6 @@ __all__ = [
     "Downsample",
     "Upsample",
     "UNET_PRESETS",
-    "UNET_PRESET_ALIASES",
     "build_unet",
     "count_parameters",
 ]
@@ -133,9 +133,9 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Pad right/bottom by one (TF "SAME" for stride 2), then a stride-2 3x3 conv.
+    """Pad right/bottom by one (TF "SAME" for even sizes), then a stride-2 3x3 conv.
 
-    [B, C, H, W] -> [B, C, ceil(H/2), ceil(W/2)].
+    [B, C, H, W] -> [B, C, H // 2, W // 2].
     """
 
     def __init__(self, channels: int) -> None:
@@ -198,6 +198,9 @@ class UNet(nn.Module):
         skip_chs = [ch]
         cur, res = ch, cfg.image_size
         self.down = nn.ModuleList()
+        # Registered now (filled below) so that, as in diffusers, ``up`` precedes ``mid``
+        # in state_dict order.
+        self.up = nn.ModuleList()
         for i, mult in enumerate(cfg.channel_mult):
             level = _Level()
             for _ in range(cfg.num_res_blocks):
@@ -218,7 +221,6 @@ class UNet(nn.Module):
         self.mid.blocks.append(ResBlock(cur, cur, **block))
 
         # Up path, lowest resolution first (up[0] = diffusers' up_blocks.0).
-        self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(cfg.channel_mult))):
             level = _Level()
             for _ in range(cfg.num_res_blocks + 1):
@@ -336,7 +338,7 @@ def _validate(cfg: ModelConfig) -> None:
             raise ConfigError(f"groups={cfg.groups} does not divide the level width {width} "
                               f"(channels={cfg.channels} x channel_mult {m})")
     attn_widths = {cfg.channels * cfg.channel_mult[-1]}  # the middle block always attends
-    attn_widths |= {cfg.channels * m for m, s in zip(cfg.channel_mult, sizes)
+    attn_widths |= {cfg.channels * m for m, s in zip(cfg.channel_mult, sizes, strict=True)
                     if s in cfg.attention_resolutions}
     for width in sorted(attn_widths):
         if width % cfg.num_heads:
@@ -346,29 +348,9 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"channels={cfg.channels} must be at least 4 (timestep embedding)")
 
 
-_CIFAR10 = ModelConfig(
-    arch="unet", channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-    attention_resolutions=(16,), num_heads=1, dropout=0.1, groups=32,
-    in_channels=3, out_channels=3, image_size=32)
-
+# The presets are defined once, torch-free, in config.py (the run presets use them too).
 UNET_PRESETS: dict[str, ModelConfig] = {
-    # The published CIFAR-10 network: 35,746,307 parameters.
-    "cifar10": _CIFAR10,
-    # The published 256x256 networks (CelebA-HQ and LSUN share one architecture).
-    "celebahq256": dataclasses.replace(
-        _CIFAR10, channel_mult=(1, 1, 2, 2, 4, 4), dropout=0.0, image_size=256),
-    # 8x8 grey digits (the built-in data set): levels 8, 4, 2 with attention at 4x4.
-    "digits": dataclasses.replace(
-        _CIFAR10, channels=64, channel_mult=(1, 2, 2), attention_resolutions=(4,),
-        in_channels=1, out_channels=1, image_size=8),
-    # A very small net for tests.
-    "tiny": dataclasses.replace(
-        _CIFAR10, channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attention_resolutions=(4,), groups=8, dropout=0.0, in_channels=1, out_channels=1,
-        image_size=8),
-}
-UNET_PRESETS["lsun256"] = UNET_PRESETS["celebahq256"]
-UNET_PRESET_ALIASES: dict[str, str] = {"lsun256": "celebahq256"}
+    name: cfg for name, cfg in MODEL_PRESETS.items() if cfg.arch == "unet"}
 
 
 def apply_overrides(cfg: ModelConfig, overrides: dict) -> ModelConfig:

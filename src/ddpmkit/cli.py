@@ -1,0 +1,346 @@
+"""The ``ddpmkit`` command: train | sample | eval | show | config.
+
+Flags come from the config dataclasses (config.py), so a flag, a config-file key and a field
+of the saved ``config.json`` are always the same thing. Errors that the user can fix print one
+line (``error: ...``) and exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import config as C
+from .errors import ConfigError, DdpmkitError
+
+EPILOG_TRAIN = """examples:
+  ddpmkit train                                 # the built-in digits preset, ~10 min on 2 CPU cores
+  ddpmkit train --data moons                    # a 2-D toy set, ~2 min
+  ddpmkit train --data ./my_images --image-size 32 --max-steps 100000 --out runs/mine
+  ddpmkit train --config my.toml --lr 1e-4      # flags override the file
+  torchrun --nproc_per_node 4 -m ddpmkit train --config cifar10 --data ./cifar_png
+presets for --config: """ + ", ".join(C.RUN_PRESETS)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def _base_config(args) -> C.RunConfig:
+    """The config a run starts from: --config (preset or file), else a preset for --data."""
+    data_name = getattr(args, "data", None)
+    if args.config:
+        if args.config in C.RUN_PRESETS:
+            return C.RUN_PRESETS[args.config]
+        if not Path(args.config).exists():
+            hint = C.did_you_mean(args.config, C.RUN_PRESETS)
+            raise ConfigError(f"--config {args.config!r} is neither a preset "
+                              f"({', '.join(C.RUN_PRESETS)}) nor a file{hint}")
+        return C.RunConfig.load(args.config)
+    return C.RUN_PRESETS[C.default_preset_for(data_name or "digits")]
+
+
+def config_from_args(args) -> C.RunConfig:
+    base = _base_config(args)
+    overrides = {}
+    for section, cls in C.SECTIONS.items():
+        prefix = "sample_" if section == "sample" else ""
+        d = C.flags_to_dict(args, cls, prefix=prefix)
+        if d:
+            overrides[section] = d
+    return C.RunConfig.from_dict(overrides, base=base)
+
+
+# ---- train -----------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from .train.trainer import train
+
+    cfg = config_from_args(args)
+    out = Path(args.out or f"runs/{Path(cfg.data.name).name or 'run'}")
+    from . import dist
+    dist.print0("config:\n" + C.to_toml(cfg))
+    resume = None if args.resume == "none" else args.resume
+    result = train(cfg, out, resume=resume, progress=not args.no_progress)
+    dist.print0(f"run folder: {result.run_dir}  (samples.png, loss.png, metrics.csv, "
+                f"checkpoints/)")
+    return 0
+
+
+# ---- sample ----------------------------------------------------------------------------------
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from . import viz
+    from .data import to_uint8
+    from .sampling import sample
+    from .train.trainer import clip_denoised_for, load_for_inference
+
+    run = load_for_inference(args.checkpoint, device=args.device, use_ema=not args.raw_weights)
+    sc = C.section_from_dict(C.SampleConfig, C.flags_to_dict(args, C.SampleConfig),
+                             base=run.config.sample)
+    bar = _progress_bar(args, "sample")
+    chunks = []
+    for start in range(0, sc.num, sc.batch_size):
+        n = min(sc.batch_size, sc.num - start)
+        x = sample(run.model, run.diffusion, (n, *run.data_shape), method=sc.sampler,
+                   steps=sc.steps or None, spacing=sc.spacing, eta=sc.eta,
+                   clip_denoised=sc.clip_denoised and clip_denoised_for(run.kind),
+                   seeds=range(sc.seed + start, sc.seed + start + n), device=run.device,
+                   callback=_step_callback(bar, n, start == 0))
+        chunks.append(x.float().cpu())
+    if bar is not None:
+        bar.close()
+    x = torch.cat(chunks)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npz":
+        arr = to_uint8(x) if run.kind == "image" else x.numpy().astype(np.float32)
+        tmp = out.with_name(f".{out.name}.tmp.npz")
+        np.savez(tmp, arr_0=arr)
+        tmp.replace(out)
+    elif out.suffix == ".png":
+        if run.kind == "image":
+            viz.save_image_grid(x, out)
+        else:
+            viz.plot_points(x, out, title=f"{sc.num} samples ({sc.sampler})")
+    else:
+        raise ConfigError(f"--out {out}: use a .png (grid) or .npz (arrays) file name")
+    print(f"wrote {sc.num} samples ({sc.sampler}, {sc.steps or run.diffusion.num_timesteps} "
+          f"steps) to {out}")
+    return 0
+
+
+def _progress_bar(args, desc):
+    if getattr(args, "no_progress", False):
+        return None
+    from tqdm import tqdm
+    return tqdm(desc=desc, unit="step", dynamic_ncols=True)
+
+
+def _step_callback(bar, n, first):
+    if bar is None:
+        return None
+
+    def callback(i, total, x, pred_x0):
+        if bar.total != total:
+            bar.reset(total=total)
+        bar.update(1)
+    return callback
+
+
+# ---- eval ------------------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    from . import dist
+    from .data import load_data
+    from .evaluate import evaluate_bpd
+    from .train.trainer import clip_denoised_for, load_for_inference
+
+    run = load_for_inference(args.checkpoint, device=args.device)
+    data = load_data(run.config.data, args.split)
+    levels = data.levels
+    if args.levels is not None:
+        if levels is not None and args.levels != levels and not args.force:
+            raise ConfigError(f"this model was trained on data with {levels} levels; evaluating "
+                              f"with --levels {args.levels} gives a meaningless figure (add "
+                              "--force to do it anyway)")
+        levels = args.levels
+    x = data.x if args.max_examples is None else data.x[:args.max_examples]
+    dist.init_process_group(run.device)
+    res = evaluate_bpd(run.model, run.diffusion, x, levels, batch_size=args.batch_size,
+                       seed=args.seed, clip_denoised=clip_denoised_for(data.kind),
+                       progress=not args.no_progress, device=run.device)
+    res.update(checkpoint=str(run.path), split=args.split, levels=levels,
+               data=run.config.data.name)
+    if not dist.is_main():
+        return 0
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k not in ("per_example",)}))
+    else:
+        unit = "bits/dim" if levels is not None else "bits/dim (continuous density)"
+        print(f"{run.config.data.name} {args.split}: {res['n']} examples, T = {res['timesteps']}")
+        print(f"  negative log-likelihood bound  {res['bits_per_dim']:.4f} "
+              f"± {res['stderr']:.4f} {unit}")
+        print(f"    L_T  (prior)                 {res['prior']:.6f}")
+        print(f"    sum L_(t-1), t = 2..T        {res['diffusion']:.4f}")
+        print(f"    L_0  (decoder)               {res['decoder']:.4f}")
+    return 0
+
+
+# ---- show ------------------------------------------------------------------------------------
+
+def cmd_show(args) -> int:
+    import torch
+
+    from . import viz
+    from .data import load_data
+    from .train.trainer import build_diffusion, clip_denoised_for, load_for_inference
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    n_cols = args.frames
+    if args.checkpoint:
+        run = load_for_inference(args.checkpoint, device=args.device)
+        cfg, diffusion = run.config, run.diffusion
+    else:
+        cfg = C.RUN_PRESETS[C.default_preset_for(args.data or "digits")]
+        if args.data:
+            cfg = cfg.replace(data=C.section_from_dict(C.DataConfig, {"name": args.data},
+                                                       base=cfg.data))
+        diffusion = build_diffusion(cfg)
+        run = None
+    data = load_data(cfg.data, "test")
+    if data.kind != "image":
+        raise ConfigError("show draws image strips; 2-D data sets have scatter plots from train")
+    T = diffusion.num_timesteps
+    # Forward: one image noised by iterated single steps q(x_t | x_{t-1}), at n_cols times.
+    g = torch.Generator().manual_seed(args.seed)
+    x = data.x[:args.num].double()
+    keep = sorted({round(i * (T - 1) / (n_cols - 1)) for i in range(n_cols)})
+    frames, gif_frames = [x.float()], [x.float()]
+    for i in range(T):
+        x = diffusion.q_step_sample(x, torch.full((x.shape[0],), i),
+                                    torch.randn(x.shape, generator=g, dtype=torch.float64))
+        if i in keep[1:]:
+            frames.append(x.float().clamp(-1, 1))
+        if i % max(1, T // 60) == 0 or i == T - 1:
+            gif_frames.append(x.float().clamp(-1, 1))
+    labels = ["x_0"] + [f"t={i + 1}" for i in keep[1:]]
+    written.append(viz.save_strip(frames, out / "forward.png", labels=labels))
+    written.append(viz.save_gif(gif_frames, out / "forward.gif"))
+    if run is not None:
+        from .sampling import sample
+        snaps: dict[int, torch.Tensor] = {}
+        gif: list[torch.Tensor] = []
+
+        def grab(i, n, xt, pred_x0):
+            if i in marks:
+                snaps[i] = xt.float().clamp(-1, 1).cpu()
+            if i % max(1, n // 60) == 0 or i == n - 1:
+                gif.append(xt.float().clamp(-1, 1).cpu())
+
+        marks = {round(k * (T - 1) / (n_cols - 1)) for k in range(n_cols)}
+        sample(run.model, diffusion, (args.num, *run.data_shape), method="ancestral",
+               clip_denoised=clip_denoised_for(run.kind), seeds=range(args.seed,
+                                                                      args.seed + args.num),
+               device=run.device, callback=grab)
+        order = sorted(snaps)
+        written.append(viz.save_strip([snaps[i] for i in order], out / "reverse.png",
+                                      labels=[f"t={T - i - 1}" for i in order]))
+        written.append(viz.save_gif(gif, out / "reverse.gif"))
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+def cmd_config(args) -> int:
+    print(C.to_toml(C.RUN_PRESETS[args.preset]), end="")
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="ddpmkit", formatter_class=fmt,
+        description="Denoising diffusion probabilistic models: train, sample, evaluate.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (default: the digits preset)",
+                       description="Train a diffusion model. With no arguments: the built-in "
+                       "digits preset (8x8 digits, ~10 minutes on 2 CPU cores). The defaults "
+                       "shown are that preset's; --config, or --data naming a 2-D set, starts "
+                       "from another preset (see `ddpmkit config PRESET`). Flags override it.",
+                       epilog=EPILOG_TRAIN, formatter_class=fmt)
+    p.add_argument("--config", help="a preset name or a .toml/.json config file")
+    p.add_argument("--out", help="run folder (default: runs/<data name>)")
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest checkpoint in --out, else a fresh start), none, or a "
+                        "checkpoint path (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+    for section, cls in C.SECTIONS.items():
+        prefix = "sample_" if section == "sample" else ""
+        C.add_flags(p, cls, prefix=prefix, group_title=f"{section} options",
+                    defaults=getattr(C.RUN_PRESETS["digits"], section))
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw samples from a trained model",
+                       description="Draw samples from a checkpoint (EMA weights) into a PNG grid "
+                       "or an .npz of uint8 [N, H, W, C] under 'arr_0'.", formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--out", default="samples.png", help="F.png or F.npz (default: samples.png)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw, not the EMA weights")
+    p.add_argument("--no-progress", action="store_true")
+    _add_common(p)
+    C.add_flags(p, C.SampleConfig, group_title="sampling options")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="bits/dim of a data split under the full bound",
+                       description="Negative log-likelihood bound (L_T + sum L_(t-1) + L_0) in "
+                       "bits per dimension, every term evaluated.", formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--split", default="test", choices=("test", "train"))
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--levels", type=int, help="override the data's number of levels")
+    p.add_argument("--force", action="store_true", help="allow --levels that differs from the data")
+    p.add_argument("--max-examples", type=int, help="evaluate only the first N examples")
+    p.add_argument("--batch-size", type=int, default=1000, help="network batch (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("show", help="pictures of the forward and reverse processes",
+                       description="Write forward.png/.gif (a data image noised step by step) "
+                       "and, with --checkpoint, reverse.png/.gif (a sample denoised from pure "
+                       "noise).", formatter_class=fmt)
+    p.add_argument("--checkpoint", help="a run folder, for the reverse process")
+    p.add_argument("--data", help="data set for the forward process (default: "
+                   "the checkpoint's, else digits)")
+    p.add_argument("--out", default="show", help="output folder (default: show)")
+    p.add_argument("--num", type=int, default=8, help="rows (examples) (default: 8)")
+    p.add_argument("--frames", type=int, default=9, help="columns in the strips (default: 9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    _add_common(p)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("config", help="print a preset as TOML, to start a config file from")
+    p.add_argument("preset", choices=list(C.RUN_PRESETS))
+    _add_common(p)
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except DdpmkitError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

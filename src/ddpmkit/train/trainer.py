@@ -1,0 +1,505 @@
+"""The training loop: data -> losses -> AdamW -> EMA, with checkpoints, metrics and pictures.
+
+Randomness is arranged so that a run is reproducible and resumable exactly, and does not
+depend on the number of processes:
+- the data order is a fresh permutation per epoch, seeded by (seed, epoch);
+- timesteps, noise and flips for the *global* batch come from one generator shared by all
+  ranks (each rank uses its slice), whose state is saved in every checkpoint;
+- the global RNG (dropout) is saved too.
+So an interrupted run resumed from step k continues bit-identically on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import dist
+from ..config import RunConfig
+from ..data import Dataset, load_data, random_flip
+from ..diffusion import GaussianDiffusion
+from ..errors import CheckpointError, ConfigError, DdpmkitError
+from ..nn import build_model
+from ..schedules import make_betas
+from .checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_checkpoint,
+    write_json_atomic,
+)
+from .ema import EMA, ema_decay
+from .timesteps import TimestepSampler
+
+METRIC_FIELDS = ["step", "images", "loss", "mse", "vb", "lr", "grad_norm", "loss_q0", "loss_q1",
+                 "loss_q2", "loss_q3", "steps_per_s", "elapsed_s", "skipped"]
+
+
+class TrainingDiverged(DdpmkitError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    stopped: str          # "max_steps" | "max_minutes" | "signal"
+    final_loss: float
+    elapsed_s: float
+
+
+# ---- building blocks shared with sample / eval --------------------------------------------
+
+def build_diffusion(cfg: RunConfig) -> GaussianDiffusion:
+    d = cfg.diffusion
+    try:
+        betas = make_betas(d.schedule, d.timesteps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return GaussianDiffusion(betas, prediction=d.prediction, variance=d.variance, loss=d.loss,
+                             hybrid_lambda=d.hybrid_lambda)
+
+
+def resolve_config(cfg: RunConfig, data: Dataset) -> RunConfig:
+    """Fill the network's input/output shape from the data and the variance type."""
+    learned = cfg.diffusion.variance == "learned_range"
+    if data.kind == "points":
+        if cfg.model.arch != "mlp":
+            raise ConfigError(f"data {cfg.data.name!r} is 2-D points: use model arch 'mlp' "
+                              "(e.g. --config toy2d)")
+        model = dataclasses.replace(cfg.model, in_channels=2, out_channels=4 if learned else 2,
+                                    image_size=1)
+    else:
+        if cfg.model.arch != "unet":
+            raise ConfigError(f"data {cfg.data.name!r} is images: use model arch 'unet'")
+        c, h, w = data.shape
+        model = dataclasses.replace(cfg.model, in_channels=c,
+                                    out_channels=c * (2 if learned else 1), image_size=h)
+    if cfg.train.batch_size > len(data):
+        raise ConfigError(f"batch_size={cfg.train.batch_size} is larger than the data set "
+                          f"({len(data)} examples)")
+    return cfg.replace(model=model)
+
+
+@dataclass
+class LoadedRun:
+    """A trained network ready for sampling or evaluation."""
+
+    path: Path
+    config: RunConfig
+    model: nn.Module
+    diffusion: GaussianDiffusion
+    device: torch.device
+    step: int
+
+    @property
+    def kind(self) -> str:
+        return "points" if self.config.model.arch == "mlp" else "image"
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        m = self.config.model
+        if self.kind == "points":
+            return (m.in_channels,)
+        return (m.in_channels, m.image_size, m.image_size)
+
+
+def load_for_inference(path: str | Path, device: str = "auto", use_ema: bool = True) -> LoadedRun:
+    """Load a checkpoint (or a run folder's newest) into an eval-mode network."""
+    ckpt = load_checkpoint(path, with_trainer=False)
+    dev = dist.resolve_device(device)
+    model = build_model(ckpt.config.model)
+    try:
+        model.load_state_dict(ckpt.ema if use_ema else ckpt.model)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt.path}: the weights do not fit the network in its "
+                              f"config.json: {str(e).splitlines()[0]}") from None
+    model.to(dev).eval()
+    return LoadedRun(ckpt.path, ckpt.config, model, build_diffusion(ckpt.config), dev,
+                     ckpt.step)
+
+
+def clip_denoised_for(data_kind: str) -> bool:
+    """x0 clipping to [-1, 1] is right for images, wrong for unbounded 2-D points."""
+    return data_kind == "image"
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (then saves)."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.reason is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.reason = "signal"
+        dist.print0(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint, then "
+                    "stopping (press again to abort)")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise DdpmkitError(f"cannot write to the output folder {out}: {e.strerror or e}") \
+            from None
+
+
+class _DataOrder:
+    """Global batch indices for each step: epoch permutations seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        """Indices of examples start .. start + count - 1 of the endless shuffled stream."""
+        out = []
+        while count > 0:
+            epoch, offset = divmod(start, self.n)
+            take = min(count, self.n - offset)
+            out.append(self._permutation(epoch)[offset:offset + take])
+            start, count = start + take, count - take
+        return torch.cat(out)
+
+
+def _lr_at(cfg, step: int) -> float:
+    tc = cfg.train
+    if tc.warmup_steps > 0 and step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    if tc.lr_decay == "cosine" and tc.max_steps > 0:
+        progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+        return tc.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return tc.lr
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric rows past the checkpoint so the CSV matches the run."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and
+                int(r["step"]) <= step]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
+          progress: bool = True) -> TrainResult:
+    """Train per ``cfg`` into ``out_dir``; ``resume`` is "auto", None or a checkpoint path."""
+    t_start = time.time()
+    tc = cfg.train
+    device = dist.resolve_device(tc.device)
+    distributed = dist.init_process_group(device)
+    rank, world = dist.rank(), dist.world_size()
+    out = Path(out_dir)
+    if dist.is_main():
+        _check_writable(out)
+
+    data = load_data(cfg.data, "train")
+    cfg = resolve_config(cfg, data)
+    tc = cfg.train
+    if data.skipped:
+        dist.print0(f"skipped {len(data.skipped)} unreadable file(s); first: {data.skipped[0]}")
+    diffusion = build_diffusion(cfg)
+    T = diffusion.num_timesteps
+    levels = data.levels
+
+    torch.manual_seed(tc.seed + rank)  # dropout; saved and restored on resume
+    model = build_model(cfg.model).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ema = EMA(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.999),
+                                  weight_decay=tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed)
+    timesteps = TimestepSampler(T, tc.timestep_sampler)
+    step, images_seen, bad_in_a_row, skipped_total = 0, 0, 0, 0
+
+    ckpt_path = None
+    if resume == "auto":
+        found = list_checkpoints(out)
+        ckpt_path = found[-1] if found else None
+    elif resume:
+        ckpt_path = resume
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        try:
+            model.load_state_dict(ckpt.model)
+        except RuntimeError as e:
+            raise CheckpointError(f"{ckpt.path} does not fit this config's network: "
+                                  f"{str(e).splitlines()[0]}") from None
+        ema.load_state_dict(ckpt.ema)
+        optimizer.load_state_dict(optimizer_from_flat(ckpt.trainer_tensors,
+                                                      ckpt.trainer_state["optimizer"]))
+        gen.set_state(ckpt.trainer_tensors["rng.generator"])
+        key = f"rng.torch.rank{rank}"
+        if key in ckpt.trainer_tensors:
+            torch.set_rng_state(ckpt.trainer_tensors[key])
+        timesteps.load_state_dict(ckpt.trainer_tensors)
+        step = ckpt.step
+        images_seen = int(ckpt.trainer_state.get("images_seen", 0))
+        skipped_total = int(ckpt.trainer_state.get("skipped", 0))
+        dist.print0(f"resuming from {ckpt.path} at step {step}")
+        if dist.is_main():
+            _trim_metrics(out / "metrics.csv", step)
+    else:
+        dist.print0(f"starting a new run in {out}")
+
+    if dist.is_main():
+        write_json_atomic(out / "config.json", cfg.to_json())
+    n_params = sum(p.numel() for p in model.parameters())
+    dist.print0(f"data: {cfg.data.name} ({len(data)} examples, shape {tuple(data.shape)}, "
+                f"levels {levels}); model: {n_params / 1e6:.2f}M parameters; device: {device}; "
+                f"processes: {world}")
+
+    train_model: nn.Module = model
+    if tc.compile:
+        train_model = torch.compile(model)
+    if distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
+    use_amp = amp_dtype is not None and device.type == "cuda"
+    if amp_dtype is not None and device.type != "cuda":
+        dist.print0(f"precision={tc.precision} needs CUDA; training in fp32 on {device}")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    order = _DataOrder(len(data), tc.seed)
+    micro = tc.batch_size
+    global_batch = micro * world * tc.grad_accum
+    metrics_path = out / "metrics.csv"
+    window: dict[str, list] = {k: [] for k in ("loss", "mse", "vb", "grad_norm")}
+    quartile_sum, quartile_n = torch.zeros(4, dtype=torch.float64), torch.zeros(4)
+    last_ckpt: Path | None = None
+    last_log_time, last_log_step = time.time(), step
+    final_loss = float("nan")
+    stopped = "max_steps"
+
+    bar = None
+    if progress and dist.is_main():
+        from tqdm import tqdm
+        bar = tqdm(total=tc.max_steps or None, initial=step, unit="step", dynamic_ncols=True,
+                   desc="train")
+
+    def save(step: int) -> Path | None:
+        path = None
+        if dist.is_main():
+            opt_tensors, opt_meta = optimizer_to_flat(optimizer.state_dict())
+            tensors = {**opt_tensors, **timesteps.state_dict(), "rng.generator": gen.get_state()}
+            tensors[f"rng.torch.rank{rank}"] = torch.get_rng_state()
+            state = {"optimizer": opt_meta, "images_seen": images_seen, "skipped": skipped_total,
+                     "world_size": world}
+            path = save_checkpoint(out, step, model.state_dict(), ema.state_dict(), tensors,
+                                   state, cfg, keep=tc.keep_checkpoints)
+        dist.barrier()
+        return path
+
+    with _Stop() as stop:
+        while True:
+            if tc.max_steps and step >= tc.max_steps:
+                stopped = "max_steps"
+                break
+            if tc.max_minutes and time.time() - t_start >= tc.max_minutes * 60:
+                stopped = "max_minutes"
+                break
+            if stop.reason:
+                stopped = stop.reason
+                break
+            if not tc.max_steps and not tc.max_minutes:
+                raise ConfigError("set max_steps or max_minutes, or training never ends")
+
+            lr = _lr_at(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # The global batch's randomness, identical on every rank.
+            idx = order.indices(images_seen, global_batch)
+            t_all, w_all = timesteps.sample(global_batch, gen)
+            noise_all = torch.randn((global_batch, *data.shape), generator=gen)
+            x0_all = data.x[idx]
+            if cfg.data.flip and data.kind == "image":
+                x0_all = random_flip(x0_all, gen)
+
+            optimizer.zero_grad(set_to_none=True)
+            step_losses, step_terms = [], {"mse": [], "vb": []}
+            for a in range(tc.grad_accum):
+                lo = (a * world + rank) * micro
+                sl = slice(lo, lo + micro)
+                x0 = x0_all[sl].to(device, non_blocking=True)
+                t = t_all[sl].to(device)
+                noise = noise_all[sl].to(device, non_blocking=True)
+                sync = contextlib.nullcontext()
+                if distributed and a < tc.grad_accum - 1:
+                    sync = train_model.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        terms = diffusion.training_losses(train_model, x0, t, noise, levels=levels)
+                    loss = (terms["loss"] * w_all[sl].to(device)).mean() / tc.grad_accum
+                    scaler.scale(loss).backward()
+                step_losses.append(terms["loss"].detach())
+                for k in step_terms:
+                    if k in terms:
+                        step_terms[k].append(terms[k].detach())
+
+            local = torch.cat(step_losses).float()
+            if distributed:
+                gathered = [torch.empty_like(local) for _ in range(world)]
+                torch.distributed.all_gather(gathered, local)
+                # rank-major within each accumulation step, as sliced above
+                full = torch.stack(gathered).reshape(world, tc.grad_accum, micro)
+                full = full.transpose(0, 1).reshape(-1).cpu()
+            else:
+                full = local.cpu()
+            loss_value = float(full.mean())
+
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            grad_norm = float(grad_norm)
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                bad_in_a_row += 1
+                skipped_total += 1
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                if bad_in_a_row >= tc.max_bad_steps:
+                    parts = ", ".join(f"{k}={float(torch.cat(v).mean()):.4g}"
+                                      for k, v in step_terms.items() if v)
+                    raise TrainingDiverged(
+                        f"{bad_in_a_row} consecutive non-finite steps ending at step {step} "
+                        f"(loss={loss_value:.4g}, grad_norm={grad_norm:.4g}{', ' if parts else ''}"
+                        f"{parts}); the last good checkpoint is untouched: lower --lr, keep "
+                        f"--grad-clip on, or use --precision fp32 / bf16")
+            else:
+                bad_in_a_row = 0
+                scaler.step(optimizer)
+                scaler.update()
+                images_seen_after = images_seen + global_batch
+                ema.update(model, ema_decay(global_batch, images_seen_after, tc.ema_half_life,
+                                            tc.ema_rampup))
+                timesteps.update(t_all, full)
+                final_loss = loss_value
+                window["loss"].append(loss_value)
+                window["grad_norm"].append(grad_norm)
+                for k, v in step_terms.items():
+                    if v:
+                        window[k].append(float(torch.cat(v).float().mean()))
+                q = (t_all * 4 // T).clamp(max=3)
+                quartile_sum.index_add_(0, q, full.double())
+                quartile_n.index_add_(0, q, torch.ones_like(full))
+            images_seen += global_batch
+            step += 1
+
+            if bar is not None:
+                if tc.max_minutes:
+                    rate = bar.format_dict.get("rate") or 0
+                    left = tc.max_minutes * 60 - (time.time() - t_start)
+                    by_time = step + int(rate * max(left, 0))
+                    total = min(tc.max_steps, by_time) if tc.max_steps else by_time
+                    bar.total = max(total, step)
+                bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+
+            if step % tc.log_every == 0 and dist.is_main():
+                now = time.time()
+                row = {"step": step, "images": images_seen, "lr": lr,
+                       "steps_per_s": (step - last_log_step) / max(now - last_log_time, 1e-9),
+                       "elapsed_s": now - t_start, "skipped": skipped_total}
+                for k, v in window.items():
+                    row[k] = sum(v) / len(v) if v else ""
+                for i in range(4):
+                    row[f"loss_q{i}"] = (float(quartile_sum[i] / quartile_n[i])
+                                         if quartile_n[i] > 0 else "")
+                new = not metrics_path.exists()
+                with open(metrics_path, "a", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+                    if new:
+                        w.writeheader()
+                    w.writerow(row)
+                window = {k: [] for k in window}
+                quartile_sum.zero_()
+                quartile_n.zero_()
+                last_log_time, last_log_step = now, step
+
+            if step % tc.checkpoint_every == 0:
+                last_ckpt = save(step)
+            if tc.sample_every and step % tc.sample_every == 0:
+                write_pictures(cfg, model, ema, diffusion, data, out, step=step)
+
+    if bar is not None:
+        bar.close()
+    if last_ckpt is None or int(last_ckpt.name[5:]) != step:
+        last_ckpt = save(step)
+    elapsed = time.time() - t_start
+    dist.print0(f"stopped ({stopped}) at step {step} after {elapsed / 60:.1f} min; "
+                f"checkpoint: {last_ckpt}")
+    if stopped != "signal":
+        write_pictures(cfg, model, ema, diffusion, data, out, step=None)
+    dist.barrier()
+    return TrainResult(out, step, last_ckpt, stopped, final_loss, elapsed)
+
+
+def write_pictures(cfg: RunConfig, model: nn.Module, ema: EMA, diffusion: GaussianDiffusion,
+                   data: Dataset, out: Path, step: int | None) -> None:
+    """Sample grid (or 2-D scatter) from the EMA weights, and the loss curve; rank 0 only."""
+    if not dist.is_main():
+        return
+    from .. import viz
+    from ..sampling import sample
+
+    device = next(model.parameters()).device
+    ema_model = build_model(cfg.model).to(device)
+    ema.copy_to(ema_model)
+    ema_model.eval()
+    sc = cfg.sample
+    n = sc.num if data.kind == "image" else max(sc.num, 2000)
+    x = sample(ema_model, diffusion, (n, *data.shape), method=sc.sampler, steps=sc.steps or None,
+               spacing=sc.spacing, eta=sc.eta, clip_denoised=clip_denoised_for(data.kind),
+               seeds=range(sc.seed, sc.seed + n), device=device)
+    suffix = f"-{step:07d}" if step is not None else ""
+    if data.kind == "image":
+        viz.save_image_grid(x.cpu(), out / f"samples{suffix}.png")
+    else:
+        viz.plot_points(x.cpu(), out / f"samples{suffix}.png", data=data.x[:5000],
+                        title=f"{cfg.data.name}: samples over data")
+    if (out / "metrics.csv").exists():
+        with contextlib.suppress(Exception):  # a plot must never kill a run
+            viz.plot_loss_curve(out / "metrics.csv", out / "loss.png")

@@ -1,0 +1,12 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The tests run many tiny ops; on a 2-core machine that is busy with anything else,
+    # multi-threaded tiny ops stall for milliseconds each. One thread is faster here.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

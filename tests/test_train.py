@@ -1,0 +1,129 @@
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddpmkit import config as C
+from ddpmkit.cli import main
+from ddpmkit.nn import build_model
+from ddpmkit.train.checkpoint import list_checkpoints, load_checkpoint
+from ddpmkit.train.trainer import build_diffusion, train
+
+TINY_FLAGS = ["--model-channels", "16", "--channel-mult", "1,2", "--num-res-blocks", "1",
+              "--attention-resolutions", "4", "--groups", "8", "--timesteps", "40",
+              "--batch-size", "16", "--warmup-steps", "2", "--log-every", "2",
+              "--sample-num", "4", "--sample-steps", "4", "--no-progress"]
+
+
+def tiny_config(**train_overrides) -> C.RunConfig:
+    base = C.RUN_PRESETS["digits"]
+    return C.RunConfig.from_dict({
+        "model": {"channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                  "attention_resolutions": [4], "groups": 8, "dropout": 0.1},
+        "diffusion": {"timesteps": 40},
+        "train": {"batch_size": 16, "warmup_steps": 2, "log_every": 2, "max_minutes": 0,
+                  **train_overrides},
+        "sample": {"num": 4, "steps": 4},
+    }, base=base)
+
+
+def test_overfit_one_batch_drives_simple_loss_near_zero():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model_cfg = dataclasses.replace(cfg.model, dropout=0.0)
+    model = build_model(model_cfg)
+    diffusion = build_diffusion(cfg)
+    from ddpmkit.data import load_data
+    x0 = load_data(cfg.data).x[:4]
+    t = torch.tensor([3, 10, 20, 30])
+    noise = torch.randn_like(x0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(300):
+        loss = diffusion.training_losses(model, x0, t, noise)["loss"].mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.02 * first, (first, loss.item())
+
+
+def _tensors(path):
+    return {name: load_file(path / name) for name in
+            ("model.safetensors", "ema.safetensors", "trainer.safetensors")}
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    cfg = tiny_config(max_steps=6, checkpoint_every=3, sample_every=0, log_every=1)
+    full = train(cfg, tmp_path / "full", resume=None, progress=False)
+    assert full.step == 6
+    # Stop at step 3 ...
+    part_cfg = cfg.replace(train=C.section_from_dict(C.TrainConfig, {"max_steps": 3}, cfg.train))
+    train(part_cfg, tmp_path / "part", resume=None, progress=False)
+    # ... and resume to 6 from the checkpoint the first leg left.
+    resumed = train(cfg, tmp_path / "part", resume="auto", progress=False)
+    assert resumed.step == 6
+    a = _tensors(full.checkpoint)
+    b = _tensors(resumed.checkpoint)
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), (name, k)
+    # the metrics of the resumed run are the uninterrupted run's, row for row (but timings)
+    def rows(path):
+        with open(path / "metrics.csv") as f:
+            return [{k: v for k, v in r.items() if k not in ("steps_per_s", "elapsed_s")}
+                    for r in csv.DictReader(f)]
+    assert rows(tmp_path / "full") == rows(tmp_path / "part")
+    assert len(rows(tmp_path / "full")) == 6
+
+
+def test_checkpoints_are_pruned_and_complete(tmp_path):
+    cfg = tiny_config(max_steps=8, checkpoint_every=2, keep_checkpoints=2, sample_every=0)
+    train(cfg, tmp_path, resume=None, progress=False)
+    found = list_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["step-0000006", "step-0000008"]
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.step == 8 and ckpt.config.model.channels == 16
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_cli_train_sample_eval_roundtrip(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--max-steps", "4", "--max-minutes", "0",
+                 *TINY_FLAGS]) == 0
+    assert (run / "samples.png").exists() and (run / "config.json").exists()
+    assert main(["sample", "--checkpoint", str(run), "--num", "5", "--steps", "4",
+                 "--out", str(tmp_path / "s.npz"), "--no-progress"]) == 0
+    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    assert arr.shape == (5, 8, 8, 1) and arr.dtype == np.uint8
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--max-examples", "3", "--json",
+                 "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n"] == 3 and res["timesteps"] == 40
+    assert np.isfinite(res["bits_per_dim"]) and res["bits_per_dim"] > 0
+    parts = res["prior"] + res["diffusion"] + res["decoder"]
+    assert parts == pytest.approx(res["bits_per_dim"], rel=1e-9)
+
+
+def test_eval_refuses_other_levels(tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["train", "--out", str(run), "--max-steps", "1", "--max-minutes", "0", *TINY_FLAGS])
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--levels", "256", "--max-examples", "1",
+                 "--no-progress"]) == 2
+    assert "17 levels" in capsys.readouterr().err
+
+
+def test_points_run_writes_scatter(tmp_path):
+    run = tmp_path / "moons"
+    assert main(["train", "--data", "moons", "--out", str(run), "--max-steps", "3",
+                 "--max-minutes", "0", "--timesteps", "40", "--sample-steps", "5",
+                 "--sample-num", "50", "--no-progress"]) == 0
+    assert (run / "samples.png").exists()
+    assert json.loads((run / "config.json").read_text())["model"]["arch"] == "mlp"
