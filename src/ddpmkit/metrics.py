@@ -129,10 +129,10 @@ def _one_thread() -> Iterator[None]:
     """Run torch CPU ops on one thread for the duration (restored afterwards).
 
     The model is so small that threads buy nothing, while on a busy machine they cost a
-    lot: measured on 2 shared cores, one training step took 0.03 s on 1 thread and ~1 s
-    on 2. One thread also makes the float reductions, hence the features, independent of
-    the machine's core count. (``set_num_threads`` is process-wide: other threads of the
-    process run single-threaded meanwhile.)
+    lot: on 2 cores at load ~6, one training step took 0.03 s on 1 thread and ~1 s on 2.
+    One thread also keeps the order of float reductions, hence the features, from
+    depending on the thread count. (``set_num_threads`` is process-wide: other threads of
+    the process run single-threaded meanwhile.)
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
