@@ -1,4 +1,4 @@
-"""The ``ddpmkit`` command: train | sample | eval | show | config.
+"""The ``ddpmkit`` command: train | sample | eval | show | encode | config.
 
 Flags come from the config dataclasses (config.py), so a flag, a config-file key and a field
 of the saved ``config.json`` are always the same thing. Errors that the user can fix print one
@@ -239,6 +239,45 @@ def cmd_show(args) -> int:
     return 0
 
 
+# ---- encode ----------------------------------------------------------------------------------
+
+def cmd_encode(args) -> int:
+    import torch
+
+    from . import viz
+    from .data import load_data
+    from .sampling import ddim_reconstruct
+    from .train.trainer import clip_denoised_for, load_for_inference
+
+    run = load_for_inference(args.checkpoint, device=args.device)
+    if run.kind != "image":
+        raise ConfigError("encode works on image models")
+    data_cfg = run.config.data
+    if args.data:
+        data_cfg = C.section_from_dict(C.DataConfig, {"name": args.data}, base=data_cfg)
+    x0 = load_data(data_cfg, args.split).x[:args.num].to(run.device)
+    if tuple(x0.shape[1:]) != run.data_shape:
+        raise ConfigError(f"images of shape {tuple(x0.shape[1:])} do not fit this model "
+                          f"({run.data_shape})")
+    x_T, recon = ddim_reconstruct(run.model, run.diffusion, x0, args.steps,
+                                  clip_denoised=clip_denoised_for(run.kind))
+    err = (recon - x0).abs()
+    rmse = float(err.pow(2).mean().sqrt())
+    print(f"DDIM inversion over {args.steps} steps of {x0.shape[0]} images: reconstruction "
+          f"RMSE {rmse:.4f}, max abs error {float(err.max()):.4f} (data range [-1, 1]); "
+          f"x_T std {float(x_T.std()):.3f} (1 for a perfect Gaussian code)")
+    out = Path(args.out)
+    if out.suffix == ".npz":
+        import numpy as np
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, x_T=x_T.float().cpu().numpy())
+    else:
+        viz.save_strip([x0.cpu(), x_T.clamp(-3, 3).div(3).cpu(), recon.cpu()], out,
+                       labels=["x_0", "x_T", "recon"])
+    print(f"wrote {out}")
+    return 0 if torch.isfinite(x_T).all() else 1
+
+
 # ---- config ----------------------------------------------------------------------------------
 
 def cmd_config(args) -> int:
@@ -316,6 +355,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     _add_common(p)
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("encode", help="DDIM inversion: images -> x_T -> images",
+                       description="Encode data images to noise with deterministic DDIM (eta = "
+                       "0), decode them back, and report the reconstruction error.",
+                       formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--data", help="images to encode (default: the run's data set)")
+    p.add_argument("--split", default="test", choices=("test", "train"))
+    p.add_argument("--num", type=int, default=16, help="images (default: 16)")
+    p.add_argument("--steps", type=int, default=100, help="DDIM steps (default: 100)")
+    p.add_argument("--out", default="encode.png",
+                   help="strip .png (x_0 | x_T | recon) or .npz of x_T (default: encode.png)")
+    p.add_argument("--device", default="auto")
+    _add_common(p)
+    p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("config", help="print a preset as TOML, to start a config file from")
     p.add_argument("preset", choices=list(C.RUN_PRESETS))

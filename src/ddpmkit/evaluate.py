@@ -8,7 +8,7 @@ processes and any batch size.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
