@@ -7,6 +7,7 @@ it everything runs single-process and no process group is created.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -56,7 +57,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def init_process_group(device: torch.device) -> bool:
+# Rank 0 alone writes checkpoints and samples picture grids while the others wait in a
+# collective; on a big model that takes minutes, so the wait limit must be generous.
+TIMEOUT = timedelta(minutes=30)
+
+
+def init_process_group(device: torch.device, timeout: timedelta = TIMEOUT) -> bool:
     """Join torchrun's process group (NCCL on GPU, gloo on CPU); False when single-process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
@@ -64,8 +70,58 @@ def init_process_group(device: torch.device) -> bool:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch_dist.init_process_group(backend=backend)
+        torch_dist.init_process_group(backend=backend, timeout=timeout)
     return True
+
+
+def is_distributed() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized() and world_size() > 1
+
+
+def comm_device() -> torch.device:
+    """Where tensors must be for collectives: this rank's GPU under NCCL, else the CPU."""
+    if is_distributed() and torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_equal(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``t`` (same shape and dtype on all ranks), on the CPU, in rank order."""
+    if not is_distributed():
+        return [t.cpu()]
+    t = t.to(comm_device())
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    torch_dist.all_gather(out, t)
+    return [o.cpu() for o in out]
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` (picklable) on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src, device=comm_device())
+    return box[0]
+
+
+def gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
+    """Rank r's ``x`` [counts[r], ...] -> on rank 0, all ranks' rows in rank order; else None.
+
+    Each rank pads to max(counts) rows so that one fixed-size gather works with gloo and NCCL;
+    gather (not all_gather) so that only rank 0 ever holds the whole set.
+    """
+    if not is_distributed():
+        return x
+    r, pad = rank(), max(counts)
+    if x.shape[0] != counts[r]:
+        raise ValueError(f"rank {r} has {x.shape[0]} rows, expected {counts[r]}")
+    padded = torch.zeros((pad, *x.shape[1:]), dtype=x.dtype, device=comm_device())
+    padded[:counts[r]] = x
+    bufs = [torch.empty_like(padded) for _ in counts] if r == 0 else None
+    torch_dist.gather(padded, bufs, dst=0)
+    if r != 0:
+        return None
+    return torch.cat([b[:c].cpu() for b, c in zip(bufs, counts, strict=True)])
 
 
 def barrier() -> None:

@@ -50,8 +50,15 @@ def evaluate_bpd(model: Callable, diffusion: GaussianDiffusion, x: torch.Tensor,
     if bar is not None:
         bar.close()
     if world > 1:
+        # Each example is non-zero on one rank only, so the sum adds zeros: exact, whatever
+        # the order. NCCL reduces only GPU tensors.
+        comm = dist.comm_device()
+        reduced = []
         for tensor in (totals, priors, terms):
-            torch.distributed.all_reduce(tensor)  # each example is non-zero on one rank only
+            tensor = tensor.to(comm)
+            torch.distributed.all_reduce(tensor)
+            reduced.append(tensor.cpu())
+        totals, priors, terms = reduced
     n = x.shape[0]
     return {
         "bits_per_dim": float(totals.mean()),
