@@ -2,14 +2,23 @@
 
 Flags come from the config dataclasses (config.py), so a flag, a config-file key and a field
 of the saved ``config.json`` are always the same thing. Errors that the user can fix print one
-line (``error: ...``) and exit with status 2; ``--debug`` shows the traceback.
+line (``error: ...``) and exit with status 2; ``--debug`` shows the traceback. ddpmkit's own
+warnings (a skipped image file, ...) print as ``warning: ...`` lines.
+
+Exit status: 0 on success, including ``train`` stopped by SIGINT/SIGTERM once its checkpoint is
+saved (the run resumes with the same command); 2 for an error the user can fix, and for
+malformed flags (argparse); 130 when a second Ctrl-C aborts before the checkpoint is saved.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import json
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from . import config as C
@@ -21,7 +30,43 @@ EPILOG_TRAIN = """examples:
   ddpmkit train --data ./my_images --image-size 32 --max-steps 100000 --out runs/mine
   ddpmkit train --config my.toml --lr 1e-4      # flags override the file
   torchrun --nproc_per_node 4 -m ddpmkit train --config cifar10 --data ./cifar_png
+Ctrl-C or SIGTERM saves a checkpoint at the current step and exits with status 0 (a second
+Ctrl-C aborts at once, status 130); the same command then resumes from it.
 presets for --config: """ + ", ".join(C.RUN_PRESETS)
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (a bad count is a usage error, not a crash)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _make_folder(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's words for "a file is in the way"
+        raise ConfigError(f"{what}: {folder} is a file, not a folder") from None
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot create {folder}: {e.strerror or e}") from None
+
+
+def _output_file(path: str, suffixes: tuple[str, ...]) -> Path:
+    """Check an output file's name and folder before any work, not after an hour of it."""
+    out = Path(path)
+    if out.suffix not in suffixes:
+        raise ConfigError(f"--out {out}: use a {' or '.join(suffixes)} file name")
+    _make_folder(out.parent, f"--out {out}")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name")
+    return out
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -55,11 +100,21 @@ def config_from_args(args) -> C.RunConfig:
 
 # ---- train -----------------------------------------------------------------------------------
 
+def default_run_dir(data_name: str) -> Path:
+    """``runs/<name>`` from the data's last path component, made safe as one folder name.
+
+    Only the final component is used and ``..``/hidden names are neutralised, so no data
+    name (``../../x``, ``foo/..``) can point the default run folder outside ``runs/``.
+    """
+    name = re.sub(r"[^\w.-]+", "_", Path(data_name).name).lstrip(".")
+    return Path("runs") / (name or "run")
+
+
 def cmd_train(args) -> int:
     from .train.trainer import train
 
     cfg = config_from_args(args)
-    out = Path(args.out or f"runs/{Path(cfg.data.name).name or 'run'}")
+    out = Path(args.out) if args.out else default_run_dir(cfg.data.name)
     from . import dist
     dist.print0("config:\n" + C.to_toml(cfg))
     resume = None if args.resume == "none" else args.resume
@@ -75,18 +130,31 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from . import viz
+    from . import dist, viz
     from .data import to_uint8
     from .sampling import sample
     from .train.trainer import clip_denoised_for, load_for_inference
 
+    _output_file(args.out, (".png", ".npz"))
     run = load_for_inference(args.checkpoint, device=args.device, use_ema=not args.raw_weights)
     sc = C.section_from_dict(C.SampleConfig, C.flags_to_dict(args, C.SampleConfig),
                              base=run.config.sample)
-    bar = _progress_bar(args, "sample")
-    chunks = []
-    for start in range(0, sc.num, sc.batch_size):
-        n = min(sc.batch_size, sc.num - start)
+    dist.init_process_group(run.device)
+    # Under torchrun, batch k of --batch-size samples goes to rank k mod world. The batches are
+    # those of a single process (sample i always has seed + i, and shares its batch with the
+    # same neighbours), so the images are bit-for-bit a single process's on the same hardware.
+    # Every rank is busy only with at least `world` batches: lower --batch-size for few samples.
+    rank, world = dist.rank(), dist.world_size()
+    starts = list(range(0, sc.num, sc.batch_size))
+    owned = [starts[r::world] for r in range(world)]
+
+    def size(start: int) -> int:
+        return min(sc.batch_size, sc.num - start)
+
+    bar = _progress_bar(args, "sample") if dist.is_main() else None
+    chunks = [torch.zeros((0, *run.data_shape))]  # a rank may own no batch
+    for start in owned[rank]:
+        n = size(start)
         x = sample(run.model, run.diffusion, (n, *run.data_shape), method=sc.sampler,
                    steps=sc.steps or None, spacing=sc.spacing, eta=sc.eta,
                    clip_denoised=sc.clip_denoised and clip_denoised_for(run.kind),
@@ -95,7 +163,13 @@ def cmd_sample(args) -> int:
         chunks.append(x.float().cpu())
     if bar is not None:
         bar.close()
-    x = torch.cat(chunks)
+    x = dist.gather_rows(torch.cat(chunks), [sum(map(size, o)) for o in owned])
+    if x is None:  # not rank 0: rank 0 writes the file
+        return 0
+    # gathered rank-major (rank 0's batches, then rank 1's, ...): back to sample order
+    gathered = [s for o in owned for s in o]
+    pieces = dict(zip(gathered, torch.split(x, [size(s) for s in gathered]), strict=True))
+    x = torch.cat([pieces[s] for s in starts])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
@@ -182,7 +256,7 @@ def cmd_show(args) -> int:
     from .train.trainer import build_diffusion, clip_denoised_for, load_for_inference
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_folder(out, "--out")
     written = []
     n_cols = args.frames
     if args.checkpoint:
@@ -249,6 +323,7 @@ def cmd_encode(args) -> int:
     from .sampling import ddim_reconstruct
     from .train.trainer import clip_denoised_for, load_for_inference
 
+    _make_folder(Path(args.out).parent, f"--out {args.out}")  # before the work, not after
     run = load_for_inference(args.checkpoint, device=args.device)
     if run.kind != "image":
         raise ConfigError("encode works on image models")
@@ -331,10 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--json", action="store_true", help="print one JSON line")
-    p.add_argument("--levels", type=int, help="override the data's number of levels")
+    p.add_argument("--levels", type=_int_at_least(2),
+                   help="override the data's number of levels")
     p.add_argument("--force", action="store_true", help="allow --levels that differs from the data")
-    p.add_argument("--max-examples", type=int, help="evaluate only the first N examples")
-    p.add_argument("--batch-size", type=int, default=1000, help="network batch (default: 1000)")
+    p.add_argument("--max-examples", type=_int_at_least(1),
+                   help="evaluate only the first N examples")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1000,
+                   help="network batch (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -349,8 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data set for the forward process (default: "
                    "the checkpoint's, else digits)")
     p.add_argument("--out", default="show", help="output folder (default: show)")
-    p.add_argument("--num", type=int, default=8, help="rows (examples) (default: 8)")
-    p.add_argument("--frames", type=int, default=9, help="columns in the strips (default: 9)")
+    p.add_argument("--num", type=_int_at_least(1), default=8,
+                   help="rows (examples) (default: 8)")
+    p.add_argument("--frames", type=_int_at_least(2), default=9,
+                   help="columns in the strips (default: 9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     _add_common(p)
@@ -363,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     p.add_argument("--data", help="images to encode (default: the run's data set)")
     p.add_argument("--split", default="test", choices=("test", "train"))
-    p.add_argument("--num", type=int, default=16, help="images (default: 16)")
-    p.add_argument("--steps", type=int, default=100, help="DDIM steps (default: 100)")
+    p.add_argument("--num", type=_int_at_least(1), default=16, help="images (default: 16)")
+    p.add_argument("--steps", type=_int_at_least(1), default=100,
+                   help="DDIM steps (default: 100)")
     p.add_argument("--out", default="encode.png",
                    help="strip .png (x_0 | x_T | recon) or .npz of x_T (default: encode.png)")
     p.add_argument("--device", default="auto")
@@ -378,14 +459,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _tidy_warnings(debug: bool):
+    """ddpmkit's own warnings as one ``warning: ...`` line each (no source location)."""
+    with warnings.catch_warnings():
+        if not debug:
+            default = warnings.showwarning
+
+            def show(message, category, filename, lineno, file=None, line=None):
+                if category.__module__.split(".")[0] == "ddpmkit":
+                    print(f"warning: {message}", file=file or sys.stderr)
+                else:
+                    default(message, category, filename, lineno, file, line)
+            warnings.showwarning = show
+        yield
+
+
+def _flag_hint(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> str:
+    """' (did you mean --x?)' for the first unknown flag, from the command's own flags."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    target = sub.choices.get(command) if sub is not None and command else parser
+    known = [o for a in target._actions for o in a.option_strings if o.startswith("--")]
+    for word in extra:
+        if word.startswith("--"):
+            hint = difflib.get_close_matches(word.split("=", 1)[0], known, n=1)
+            if hint:
+                return f" (did you mean {hint[0]}?)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # what parse_args would say, plus a did-you-mean
+        parser.error(f"unrecognized arguments: {' '.join(extra)}"
+                     f"{_flag_hint(parser, getattr(args, 'command', None), extra)}")
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        with _tidy_warnings(args.debug):
+            return args.func(args)
     except DdpmkitError as e:
         if args.debug:
             raise
@@ -394,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # else torch was never imported: nothing to do
+            from . import dist
+            dist.destroy()  # leave torchrun's process group cleanly (no-op in one process)
 
 
 if __name__ == "__main__":

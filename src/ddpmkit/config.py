@@ -34,6 +34,15 @@ TIMESTEP_SAMPLERS = ("uniform", "loss_aware")
 POINT_SETS = ("moons", "swissroll", "8gaussians", "checkerboard", "circles")
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    """repr() for messages, shortened, so a pasted blob still makes a one-line error."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond sys.get_int_max_str_digits() has no repr
+        return f"<an integer of about {value.bit_length() * 0.30103:.0f} digits>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _help(text: str, **extra: Any) -> dict:
     return {"help": text, **extra}
 
@@ -42,13 +51,14 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         more = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}{more}")
+        raise ConfigError(f"{name}={_show(value)} is not one of "
+                          f"{', '.join(map(str, choices))}{more}")
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok:
-        raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+        raise ConfigError(f"{name}={_show(value)} must be {'>= 0' if allow_zero else '> 0'}")
 
 
 @dataclass(frozen=True)
@@ -111,9 +121,9 @@ class ModelConfig:
             _positive(name, getattr(self, name))
         _positive("out_channels", self.out_channels, allow_zero=True)
         if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
-            raise ConfigError(f"channel_mult={self.channel_mult!r} must be positive integers")
+            raise ConfigError(f"channel_mult={_show(self.channel_mult)} must be positive integers")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
+            raise ConfigError(f"dropout={_show(self.dropout)} must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,7 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         _choice("schedule", self.schedule, SCHEDULES)
         if not isinstance(self.timesteps, int) or self.timesteps < 1:
-            raise ConfigError(f"timesteps={self.timesteps!r} must be an integer >= 1")
+            raise ConfigError(f"timesteps={_show(self.timesteps)} must be an integer >= 1")
         _choice("prediction", self.prediction, PREDICTIONS)
         _choice("variance", self.variance, VARIANCES)
         _choice("loss", self.loss, LOSSES)
@@ -193,7 +203,8 @@ class SampleConfig:
     spacing: str = field(default="trailing", metadata=_help(
         "which steps to keep: trailing | quadratic | a list of section counts like '10,15,20'"))
     eta: float = field(default=0.0, metadata=_help("DDIM noise: 0 deterministic, 1 ancestral"))
-    num: int = field(default=64, metadata=_help("number of samples"))
+    # --num-samples: torchrun reads a bare --num as its own --numa-binding
+    num: int = field(default=64, metadata=_help("number of samples", aliases=("num_samples",)))
     seed: int = field(default=0, metadata=_help("random seed (sample i uses seed + i)"))
     batch_size: int = field(default=256, metadata=_help("samples per network call"))
     clip_denoised: bool = field(default=True, metadata=_help("clip predicted x0 to [-1, 1]"))
@@ -204,11 +215,12 @@ class SampleConfig:
         _positive("num", self.num)
         _positive("batch_size", self.batch_size)
         if not 0.0 <= self.eta <= 1.0:
-            raise ConfigError(f"eta={self.eta!r} must be in [0, 1]")
+            raise ConfigError(f"eta={_show(self.eta)} must be in [0, 1]")
         if self.spacing not in SPACINGS:
             parts = self.spacing.split(",")
-            if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-                raise ConfigError(f"spacing={self.spacing!r} must be trailing, quadratic or "
+            # isdecimal, not isdigit: int() rejects digits such as '²' that isdigit accepts
+            if not all(p.strip().isdecimal() and int(p) > 0 for p in parts):
+                raise ConfigError(f"spacing={_show(self.spacing)} must be trailing, quadratic or "
                                   "a comma-separated list of positive counts")
 
 
@@ -244,12 +256,12 @@ class RunConfig:
         base = base or cls()
         version = d.get("version", CONFIG_VERSION)
         if not isinstance(version, int) or version > CONFIG_VERSION:
-            raise ConfigError(f"config version {version!r} is newer than this ddpmkit "
+            raise ConfigError(f"config version {_show(version)} is newer than this ddpmkit "
                               f"understands ({CONFIG_VERSION}); upgrade ddpmkit")
         unknown = set(d) - set(SECTIONS) - {"version"}
         if unknown:
             key = sorted(unknown)[0]
-            raise ConfigError(f"unknown config section {key!r}{did_you_mean(key, SECTIONS)}")
+            raise ConfigError(f"unknown config section {_show(key)}{did_you_mean(key, SECTIONS)}")
         parts = {}
         for name, section_cls in SECTIONS.items():
             parts[name] = section_from_dict(section_cls, d.get(name, {}), getattr(base, name),
@@ -260,8 +272,8 @@ class RunConfig:
     def from_json(cls, text: str) -> RunConfig:
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config is not valid JSON: {e}") from None
+        except ValueError as e:  # JSONDecodeError, or an integer too long to convert
+            raise ConfigError(f"config is not valid JSON: {_show(str(e), 200)}") from None
         return cls.from_dict(d)
 
     @classmethod
@@ -269,20 +281,24 @@ class RunConfig:
         """Read a ``.toml`` or ``.json`` config file."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text: {e.reason} at byte "
+                              f"{e.start}") from None
+        # ValueError covers the decode errors and integers too long to convert.
         if path.suffix == ".json":
             try:
                 d = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            except ValueError as e:
+                raise ConfigError(f"{path} is not valid JSON: {_show(str(e), 200)}") from None
         else:
             toml = _tomllib()
             try:
                 d = toml.loads(text)
-            except toml.TOMLDecodeError as e:
-                raise ConfigError(f"{path} is not valid TOML: {e}") from None
+            except ValueError as e:
+                raise ConfigError(f"{path} is not valid TOML: {_show(str(e), 200)}") from None
         return cls.from_dict(d, base=base)
 
     def replace(self, **sections: Any) -> RunConfig:
@@ -316,10 +332,10 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"{name}={value!r} must be true or false")
+        raise ConfigError(f"{name}={_show(value)} must be true or false")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} must be an integer")
+            raise ConfigError(f"{name}={_show(value)} must be an integer")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -329,24 +345,27 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
                 return int(value.replace("_", ""))
             except ValueError:
                 pass
-        raise ConfigError(f"{name}={value!r} must be an integer")
+        raise ConfigError(f"{name}={_show(value)} must be an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out = float(value)
+            try:
+                out = float(value)
+            except OverflowError:  # an int beyond the float range
+                raise ConfigError(f"{name}={_show(value)} must be a finite number") from None
         elif isinstance(value, str):
             try:
                 out = float(value)
             except ValueError:
-                raise ConfigError(f"{name}={value!r} must be a number") from None
+                raise ConfigError(f"{name}={_show(value)} must be a number") from None
         else:
-            raise ConfigError(f"{name}={value!r} must be a number")
+            raise ConfigError(f"{name}={_show(value)} must be a number")
         if out != out or out in (float("inf"), float("-inf")):
-            raise ConfigError(f"{name}={value!r} must be a finite number")
+            raise ConfigError(f"{name}={_show(value)} must be a finite number")
         return out
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{name}={value!r} must be a string")
+        raise ConfigError(f"{name}={_show(value)} must be a string")
     if origin is tuple:
         if isinstance(value, str):
             items = [v for v in value.replace(" ", "").split(",") if v != ""]
@@ -355,7 +374,7 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
         elif isinstance(value, int) and not isinstance(value, bool):
             items = [value]
         else:
-            raise ConfigError(f"{name}={value!r} must be a list of integers")
+            raise ConfigError(f"{name}={_show(value)} must be a list of integers")
         return tuple(coerce(name, v, int) for v in items)
     if origin in (typing.Union, types.UnionType):  # pragma: no cover - not used yet
         return value
@@ -366,13 +385,13 @@ def section_from_dict(cls: type, d: Any, base: Any = None, where: str = "") -> A
     """Override ``base`` (or the defaults) of dataclass ``cls`` with the keys of ``d``."""
     label = where or cls.__name__
     if not isinstance(d, dict):
-        raise ConfigError(f"config section [{label}] must be a table, got {d!r}")
+        raise ConfigError(f"config section [{label}] must be a table, got {_show(d)}")
     hints = _field_types(cls)
     names = [f.name for f in fields(cls)]
     values = {}
     for key, value in d.items():
         if key not in hints:
-            raise ConfigError(f"unknown key {key!r} in [{label}]{did_you_mean(key, names)}")
+            raise ConfigError(f"unknown key {_show(key)} in [{label}]{did_you_mean(key, names)}")
         values[key] = coerce(f"{label}.{key}" if where else key, value, hints[key])
     base = base if base is not None else cls()
     try:
@@ -413,7 +432,8 @@ def add_flags(parser, cls: type, prefix: str = "", group_title: str | None = Non
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         else:
             kwargs.update(metavar=f.name.upper())
-        group.add_argument(flag_name(f, prefix), **kwargs)
+        aliases = ["--" + (prefix + a).replace("_", "-") for a in f.metadata.get("aliases", ())]
+        group.add_argument(flag_name(f, prefix), *aliases, **kwargs)
 
 
 def flags_to_dict(args, cls: type, prefix: str = "") -> dict:

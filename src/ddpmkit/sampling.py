@@ -49,6 +49,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .diffusion import GaussianDiffusion
+from .errors import ConfigError
 
 __all__ = [
     "sample",
@@ -86,7 +87,9 @@ def space_timesteps(T: int, steps: int | None, spacing: str = "trailing") -> lis
       the last section always keeps T - 1). ``steps`` is ignored; the total kept is the sum.
 
     ``steps`` None, 0 or >= T keeps all T steps (trailing/quadratic). Raises ``ValueError``
-    for bad strings, negative steps, or a section asked for more steps than it has.
+    for bad strings, negative steps, or a section asked for more steps than it has (a
+    :class:`~ddpmkit.errors.ConfigError`, a ValueError, where a user's setting is at fault,
+    so the CLI reports it in one line).
     """
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"T must be an integer >= 1, got {T!r}")
@@ -96,7 +99,7 @@ def space_timesteps(T: int, steps: int | None, spacing: str = "trailing") -> lis
     if spacing in ("trailing", "quadratic"):
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
                                   or steps < 0):
-            raise ValueError(f"steps must be a non-negative integer or None, got {steps!r}")
+            raise ConfigError(f"steps must be a non-negative integer or None, got {steps!r}")
         if not steps or steps >= T:
             return list(range(T))
         S = steps
@@ -112,22 +115,23 @@ def space_timesteps(T: int, steps: int | None, spacing: str = "trailing") -> lis
         return kept
 
     parts = [p.strip() for p in spacing.split(",")]
-    if not parts or not all(p.isdigit() for p in parts):
-        raise ValueError(f"spacing={spacing!r}: use 'trailing', 'quadratic' or a comma-"
+    # isdecimal, not isdigit: int() rejects digits such as '²' that isdigit accepts
+    if not parts or not all(p.isdecimal() for p in parts):
+        raise ConfigError(f"spacing={spacing!r}: use 'trailing', 'quadratic' or a comma-"
                          "separated list of positive section counts like '10,15,20'")
     counts = [int(p) for p in parts]
     if any(c < 1 for c in counts):
-        raise ValueError(f"spacing={spacing!r}: every section count must be >= 1")
+        raise ConfigError(f"spacing={spacing!r}: every section count must be >= 1")
     if len(counts) > T:
-        raise ValueError(f"spacing={spacing!r} has {len(counts)} sections but T = {T}")
+        raise ConfigError(f"spacing={spacing!r} has {len(counts)} sections but T = {T}")
     base, extra = divmod(T, len(counts))
     kept = []
     start = 0
     for i, count in enumerate(counts):
         size = base + (1 if i < extra else 0)
         if count > size:
-            raise ValueError(f"spacing={spacing!r}: section {i} has {size} steps, cannot keep "
-                             f"{count}")
+            raise ConfigError(f"spacing={spacing!r}: section {i} has {size} steps, cannot keep "
+                              f"{count} (lower the counts, or use fewer sections)")
         if count == 1:
             kept.append(start + size - 1)
         else:

@@ -13,13 +13,22 @@ Layout of a run folder::
 A checkpoint is written into a hidden temporary folder beside its final place, every file
 fsync'ed, then renamed into place (atomic on POSIX) and the parent fsync'ed. A crash at any
 moment leaves either the previous checkpoints or the new one complete, never a half one.
+A failed write (a full disk) removes the temporary folder and raises a CheckpointError; the
+older checkpoints are left as they were.
+
+Weights from elsewhere (``.pt``/``.pth``/``.bin``) are read only by :func:`load_state_dict_file`,
+through ``torch.load(weights_only=True)``, which refuses to run code hidden in a pickle.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import pickle
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import RunConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DdpmkitError
 
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "ema.safetensors", "trainer.safetensors", "config.json")
@@ -60,44 +69,76 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
+def _io_reason(e: BaseException) -> str:
+    """The OS's words for an I/O failure (safetensors reports them as SafetensorError)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
+def _space_hint(e: BaseException) -> str:
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        "os error 28" in str(e) or "No space left" in str(e)
+    return "; free some disk space or lower --keep-checkpoints" if full else ""
+
+
 def write_json_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise DdpmkitError(f"cannot write {path}: {_io_reason(e)}{_space_hint(e)}") from None
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: dict[str, torch.Tensor],
                     ema: dict[str, torch.Tensor], trainer_tensors: dict[str, torch.Tensor],
                     trainer_state: dict, config: RunConfig, keep: int = 3) -> Path:
-    """Write ``RUN_DIR/checkpoints/step-XXXXXXX`` atomically; keep the newest ``keep``."""
+    """Write ``RUN_DIR/checkpoints/step-XXXXXXX`` atomically; keep the newest ``keep``.
+
+    An I/O failure (ENOSPC, EIO, ...) is a CheckpointError naming the folder and the OS's
+    reason; the half-written temporary folder is removed and older checkpoints stay intact.
+    """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    state = dict(trainer_state, step=step, format_version=FORMAT_VERSION)
-    save_file(_contiguous(model), tmp / "model.safetensors")
-    save_file(_contiguous(ema), tmp / "ema.safetensors")
-    save_file(_contiguous(trainer_tensors), tmp / "trainer.safetensors",
-              metadata={"trainer_state": json.dumps(state)})
-    (tmp / "config.json").write_text(config.to_json())
-    for name in FILES:
-        _fsync(tmp / name)
-    _fsync(tmp)
-    if final.exists():  # re-saving the same step (e.g. a signal right after a checkpoint)
-        old = root / f".old-step-{step:07d}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync(root)
-    prune(root, keep)
+    old = root / f".old-step-{step:07d}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        state = dict(trainer_state, step=step, format_version=FORMAT_VERSION)
+        save_file(_contiguous(model), tmp / "model.safetensors")
+        save_file(_contiguous(ema), tmp / "ema.safetensors")
+        save_file(_contiguous(trainer_tensors), tmp / "trainer.safetensors",
+                  metadata={"trainer_state": json.dumps(state)})
+        (tmp / "config.json").write_text(config.to_json())
+        for name in FILES:
+            _fsync(tmp / name)
+        _fsync(tmp)
+        if final.exists():  # re-saving the same step (e.g. a signal right after a checkpoint)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(root)
+        prune(root, keep)
+    except (OSError, SafetensorError) as e:
+        # A half-written folder only eats the space that is short; the finished ones stay.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_dir() and not final.exists():  # failed between the swap's two renames
+            with contextlib.suppress(OSError):
+                os.replace(old, final)
+        raise CheckpointError(f"cannot save checkpoint {final.name} in {root}: {_io_reason(e)}"
+                              f"{_space_hint(e)} (older checkpoints are intact)") from None
     return final
 
 
@@ -114,11 +155,33 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def incomplete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Visible ``step-*`` folders that lack a file: damaged by hand or by a failing disk.
+
+    (Atomic saves never leave these; an interrupted save is a hidden ``.tmp-step-*``.)
+    """
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    broken = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+              and p.name[5:].isdigit() and not all((p / f).is_file() for f in FILES)]
+    return sorted(broken, key=lambda p: int(p.name[5:]))
+
+
 def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints, and stale temporary folders."""
+    """Delete all but the newest ``keep`` checkpoints, and stale temporary folders.
+
+    A dead process's ``.old-step-N`` whose ``step-N`` is missing (it died between the two
+    renames of a same-step re-save) is the only copy of that step: it is put back instead.
+    """
     for p in root.iterdir():
         if p.name.startswith((".tmp-step-", ".old-step-")) and not p.name.endswith(
                 f"-{os.getpid()}"):
+            restored = root / p.name[len(".old-"):].rsplit("-", 1)[0]
+            if p.name.startswith(".old-step-") and not restored.exists():
+                with contextlib.suppress(OSError):
+                    os.replace(p, restored)
+                continue
             shutil.rmtree(p, ignore_errors=True)
     done = list_checkpoints(root.parent)
     for p in done[:-keep] if keep > 0 else []:
@@ -162,7 +225,10 @@ def load_checkpoint(path: str | Path, with_trainer: bool = True) -> Checkpoint:
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} is missing: cannot know the network's shape")
     try:
-        config = RunConfig.from_json(config_path.read_text())
+        config = RunConfig.from_json(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_path} is not a readable config file: "
+                              f"{_io_reason(e)}") from None
     except ConfigError as e:
         raise CheckpointError(f"{config_path}: {e}") from None
     ema = _load_tensors(path / "ema.safetensors")
@@ -186,6 +252,52 @@ def load_checkpoint(path: str | Path, with_trainer: bool = True) -> Checkpoint:
             raise CheckpointError(f"{path} was written by a newer ddpmkit (format {version}); "
                                   "upgrade ddpmkit to read it")
     return Checkpoint(path, config, model, ema, trainer_tensors, state)
+
+
+# ---- weights from elsewhere -----------------------------------------------------------------
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` from a ``.safetensors`` file or a torch ``.pt/.pth/.bin``.
+
+    Pickle-based files are read with ``torch.load(weights_only=True)``: tensors, containers
+    and numbers only, so a file that would run code when unpickled is refused (a
+    CheckpointError) before any of that code runs. A ``{"state_dict": {...}}`` wrapper, as
+    many training frameworks write, is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _load_tensors(path)
+    if suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown weights format {suffix or '(no suffix)'!r}; use "
+                              f".safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
+    try:
+        with warnings.catch_warnings():  # torch's note on old pickle protocols is noise here
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only's refusal: the file names a global outside the allow-list.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a plain weights file and was not loaded (it "
+                              f"asks to run code when unpickled; only tensors are trusted): "
+                              f"{first[:300]}") from None
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError, TypeError,
+            AttributeError, IndexError, UnicodeDecodeError) as e:
+        # Corrupt or truncated archives fail inside torch's reader in many ways.
+        raise CheckpointError(f"{path} is not a readable torch weights file (truncated or "
+                              f"corrupt?): {type(e).__name__}: {str(e)[:200]}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to "
+                              f"tensors), but {type(obj).__name__}")
+    return dict(obj)
 
 
 # ---- optimizer state <-> flat tensors + JSON ---------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import CheckpointError
+
 HISTORY = 10
 UNIFORM_MIX = 0.001  # keeps every p_t > 0, so the estimator stays unbiased
 
@@ -59,5 +61,13 @@ class TimestepSampler:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "timesteps.history" in state:
-            self.history.copy_(state["timesteps.history"])
-            self.counts.copy_(state["timesteps.counts"])
+            history, counts = state["timesteps.history"], state.get("timesteps.counts")
+            if history.shape != self.history.shape or counts is None or \
+                    counts.shape != self.counts.shape:
+                # The usual cause: resuming with another --timesteps than the run had.
+                raise CheckpointError(
+                    f"the checkpoint's timestep-sampler state is for T = {history.shape[0]} "
+                    f"diffusion steps, this run has T = {self.T}: resume with the run's "
+                    "--timesteps, or train into a new --out")
+            self.history.copy_(history)
+            self.counts.copy_(counts)

@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from ..errors import CheckpointError, ConfigError, DdpmkitError
 from ..nn import build_model
 from ..schedules import make_betas
 from .checkpoint import (
+    incomplete_checkpoints,
     list_checkpoints,
     load_checkpoint,
     optimizer_from_flat,
@@ -120,15 +122,25 @@ def load_for_inference(path: str | Path, device: str = "auto", use_ema: bool = T
     """Load a checkpoint (or a run folder's newest) into an eval-mode network."""
     ckpt = load_checkpoint(path, with_trainer=False)
     dev = dist.resolve_device(device)
-    model = build_model(ckpt.config.model)
+    try:
+        model = build_model(ckpt.config.model)
+    except ConfigError as e:  # a config.json edited by hand, or from another version
+        raise CheckpointError(f"{ckpt.path / 'config.json'}: {e}") from None
     try:
         model.load_state_dict(ckpt.ema if use_ema else ckpt.model)
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt.path}: the weights do not fit the network in its "
-                              f"config.json: {str(e).splitlines()[0]}") from None
+                              f"config.json: {state_dict_mismatch(e)}") from None
     model.to(dev).eval()
     return LoadedRun(ckpt.path, ckpt.config, model, build_diffusion(ckpt.config), dev,
                      ckpt.step)
+
+
+def state_dict_mismatch(e: RuntimeError) -> str:
+    """The telling line of a load_state_dict error (its first line only names the class)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def clip_denoised_for(data_kind: str) -> bool:
@@ -173,6 +185,32 @@ def _check_writable(out: Path) -> None:
             from None
 
 
+def _check_disk_space(out: Path, model: nn.Module, keep: int) -> None:
+    """Fail now, not at the first checkpoint hours from now, if not even one checkpoint fits.
+
+    A checkpoint holds the weights, their EMA and AdamW's two moments: about 4 copies of the
+    float weights. Room for fewer than ``keep + 1`` of them (the kept ones plus the one being
+    written) is only a warning: old ones are pruned, and free space reports can be rough.
+    """
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    per_checkpoint = 4 * weights + (1 << 20)
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        return  # no figure to judge by; the writes themselves will report
+    mib = 1 << 20
+    if free < per_checkpoint:
+        raise DdpmkitError(f"the disk of {out} has {free / mib:.0f} MiB free, but one checkpoint "
+                           f"of this model needs about {per_checkpoint / mib:.0f} MiB: free some "
+                           "space or pass another --out")
+    have = len(list_checkpoints(out))
+    need = max(1, keep + 1 - have) * per_checkpoint
+    if free < need:
+        dist.print0(f"warning: the disk of {out} has {free / mib:.0f} MiB free; "
+                    f"keep_checkpoints={keep} needs about {need / mib:.0f} MiB more (lower "
+                    "--keep-checkpoints or free some space)")
+
+
 class _DataOrder:
     """Global batch indices for each step: epoch permutations seeded by (seed, epoch)."""
 
@@ -207,17 +245,52 @@ def _lr_at(cfg, step: int) -> float:
     return tc.lr
 
 
+def _dropout_seed(seed: int, rank: int, step: int) -> int:
+    """A fresh dropout seed for a rank that has no saved RNG state (start, or more ranks)."""
+    return (seed * 1_000_003 + rank) * 1_000_033 + step
+
+
+def _any_rank(*flags: bool) -> list[bool]:
+    """Each flag OR-ed over all ranks (one small all-reduce)."""
+    t = torch.tensor([float(f) for f in flags], device=dist.comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def _trim_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric rows past the checkpoint so the CSV matches the run."""
+    """On resume, drop metric rows past the checkpoint so the CSV matches the run.
+
+    A row cut short by a kill (fewer fields than the header) is dropped too, and the file is
+    rewritten through a temporary file, so a kill during the rewrite loses nothing.
+    """
     if not path.exists():
         return
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and
-                int(r["step"]) <= step]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and
+                    int(r["step"]) <= step and None not in r.values() and None not in r]
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DdpmkitError(f"cannot rewrite {path} on resume: {e}; move it away to start a "
+                           "fresh metrics file") from None
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    """One row onto metrics.csv (header first); a full disk is a one-line error."""
+    try:
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+    except OSError as e:
+        raise DdpmkitError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 # ---- the loop --------------------------------------------------------------------------------
@@ -243,8 +316,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
     T = diffusion.num_timesteps
     levels = data.levels
 
-    torch.manual_seed(tc.seed + rank)  # dropout; saved and restored on resume
+    # The same initial weights on every rank (DDP would broadcast rank 0's anyway, but the EMA
+    # copies them first); then each rank its own dropout stream, saved and restored on resume.
+    torch.manual_seed(tc.seed)
     model = build_model(cfg.model).to(device)
+    if rank > 0:
+        torch.manual_seed(_dropout_seed(tc.seed, rank, 0))
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model)
@@ -258,6 +335,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
     if resume == "auto":
         found = list_checkpoints(out)
         ckpt_path = found[-1] if found else None
+        # rank 0's choice, so that every rank resumes from the same step even if a listing
+        # of a shared file system lags
+        ckpt_path = dist.broadcast_object(ckpt_path)
     elif resume:
         ckpt_path = resume
     if ckpt_path is not None:
@@ -266,23 +346,44 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
             model.load_state_dict(ckpt.model)
         except RuntimeError as e:
             raise CheckpointError(f"{ckpt.path} does not fit this config's network: "
-                                  f"{str(e).splitlines()[0]}") from None
-        ema.load_state_dict(ckpt.ema)
-        optimizer.load_state_dict(optimizer_from_flat(ckpt.trainer_tensors,
-                                                      ckpt.trainer_state["optimizer"]))
-        gen.set_state(ckpt.trainer_tensors["rng.generator"])
+                                  f"{state_dict_mismatch(e)} (train into a new --out, or pass "
+                                  "--resume none to start over here)") from None
+        try:
+            ema.load_state_dict(ckpt.ema)
+            optimizer.load_state_dict(optimizer_from_flat(ckpt.trainer_tensors,
+                                                          ckpt.trainer_state["optimizer"]))
+            gen.set_state(ckpt.trainer_tensors["rng.generator"])
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+            # A damaged or hand-made trainer state must not surface as a raw traceback.
+            raise CheckpointError(f"{ckpt.path}: the trainer state (EMA, optimizer, RNG) "
+                                  f"cannot be restored: {type(e).__name__}: "
+                                  f"{str(e)[:200]}") from None
+        step = ckpt.step
         key = f"rng.torch.rank{rank}"
         if key in ckpt.trainer_tensors:
             torch.set_rng_state(ckpt.trainer_tensors[key])
+        else:  # written by fewer processes: a new, reproducible dropout stream for this rank
+            torch.manual_seed(_dropout_seed(tc.seed, rank, step))
         timesteps.load_state_dict(ckpt.trainer_tensors)
-        step = ckpt.step
         images_seen = int(ckpt.trainer_state.get("images_seen", 0))
         skipped_total = int(ckpt.trainer_state.get("skipped", 0))
         dist.print0(f"resuming from {ckpt.path} at step {step}")
+        old_world = int(ckpt.trainer_state.get("world_size", 1))
+        if old_world != world:
+            old_batch = int(ckpt.trainer_state.get("global_batch", 0)) or "?"
+            dist.print0(f"the checkpoint was written by {old_world} process(es), this run has "
+                        f"{world}: global batch {old_batch} -> "
+                        f"{tc.batch_size * world * tc.grad_accum}; data order and noise "
+                        "continue from the checkpoint; ranks without a saved dropout RNG state "
+                        "are seeded from (seed, rank, step)")
         if dist.is_main():
             _trim_metrics(out / "metrics.csv", step)
     else:
         dist.print0(f"starting a new run in {out}")
+        broken = incomplete_checkpoints(out) if resume == "auto" and dist.is_main() else []
+        if broken:  # never silently: the user may have expected to resume from these
+            dist.print0(f"ignoring {len(broken)} incomplete checkpoint folder(s) in "
+                        f"{out / 'checkpoints'} (e.g. {broken[-1].name}: files are missing)")
 
     if dist.is_main():
         write_json_atomic(out / "config.json", cfg.to_json())
@@ -290,13 +391,20 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
     dist.print0(f"data: {cfg.data.name} ({len(data)} examples, shape {tuple(data.shape)}, "
                 f"levels {levels}); model: {n_params / 1e6:.2f}M parameters; device: {device}; "
                 f"processes: {world}")
+    if dist.is_main():
+        _check_disk_space(out, model, tc.keep_checkpoints)
 
+    # DDP wraps the plain module (its state_dict keys stay unprefixed in checkpoints, and the
+    # EMA reads the same parameters), then torch.compile wraps DDP, as PyTorch recommends so
+    # that gradient all-reduces overlap the compiled backward.
     train_model: nn.Module = model
-    if tc.compile:
-        train_model = torch.compile(model)
+    ddp = None
     if distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = ddp
+    if tc.compile:
+        train_model = torch.compile(train_model)
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
     use_amp = amp_dtype is not None and device.type == "cuda"
@@ -310,7 +418,19 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
     metrics_path = out / "metrics.csv"
     window: dict[str, list] = {k: [] for k in ("loss", "mse", "vb", "grad_norm")}
     quartile_sum, quartile_n = torch.zeros(4, dtype=torch.float64), torch.zeros(4)
+    if ckpt_path is not None:
+        # The metric row in progress, so that a resume between two log steps writes the rows
+        # of a straight run (metrics are not worth failing a resume over: bad ones are reset).
+        with contextlib.suppress(KeyError, TypeError, ValueError, RuntimeError):
+            saved = ckpt.trainer_state["log_window"]
+            window = {k: [float(v) for v in saved["window"][k]] for k in window}
+            quartile_sum = torch.tensor(saved["quartile_sum"], dtype=torch.float64).reshape(4)
+            quartile_n = torch.tensor(saved["quartile_n"], dtype=torch.float32).reshape(4)
     last_ckpt: Path | None = None
+    if ckpt_path is not None and ckpt.path.parent.resolve() == (out / "checkpoints").resolve():
+        # This step is already on disk: never re-save it at the end (with keep=1, a kill
+        # between the swap's two renames would leave no complete checkpoint at all).
+        last_ckpt = ckpt.path
     last_log_time, last_log_step = time.time(), step
     final_loss = float("nan")
     stopped = "max_steps"
@@ -321,17 +441,22 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
         bar = tqdm(total=tc.max_steps or None, initial=step, unit="step", dynamic_ncols=True,
                    desc="train")
 
-    def save(step: int) -> Path | None:
-        path = None
+    def save(step: int) -> Path:
+        """Rank 0 writes; every rank must call it (it gathers each rank's dropout RNG)."""
+        rng_states = dist.all_gather_equal(torch.get_rng_state())
+        path = out / "checkpoints" / f"step-{step:07d}"
         if dist.is_main():
             opt_tensors, opt_meta = optimizer_to_flat(optimizer.state_dict())
             tensors = {**opt_tensors, **timesteps.state_dict(), "rng.generator": gen.get_state()}
-            tensors[f"rng.torch.rank{rank}"] = torch.get_rng_state()
+            for r, state in enumerate(rng_states):
+                tensors[f"rng.torch.rank{r}"] = state
             state = {"optimizer": opt_meta, "images_seen": images_seen, "skipped": skipped_total,
-                     "world_size": world}
+                     "world_size": world, "global_batch": global_batch,
+                     "log_window": {"window": window, "quartile_sum": quartile_sum.tolist(),
+                                    "quartile_n": quartile_n.tolist()}}
             path = save_checkpoint(out, step, model.state_dict(), ema.state_dict(), tensors,
                                    state, cfg, keep=tc.keep_checkpoints)
-        dist.barrier()
+        dist.barrier()  # nobody reads or prunes checkpoints while rank 0 writes
         return path
 
     with _Stop() as stop:
@@ -339,11 +464,17 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
             if tc.max_steps and step >= tc.max_steps:
                 stopped = "max_steps"
                 break
-            if tc.max_minutes and time.time() - t_start >= tc.max_minutes * 60:
+            # All ranks must leave at the same step: the clock or a signal can reach them a
+            # step apart, and a rank that runs on would wait forever in DDP's all-reduce.
+            time_up = bool(tc.max_minutes) and time.time() - t_start >= tc.max_minutes * 60
+            signalled = stop.reason is not None
+            if distributed:
+                time_up, signalled = _any_rank(time_up, signalled)
+            if time_up:
                 stopped = "max_minutes"
                 break
-            if stop.reason:
-                stopped = stop.reason
+            if signalled:
+                stopped = stop.reason or "signal"
                 break
             if not tc.max_steps and not tc.max_minutes:
                 raise ConfigError("set max_steps or max_minutes, or training never ends")
@@ -368,8 +499,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
                 t = t_all[sl].to(device)
                 noise = noise_all[sl].to(device, non_blocking=True)
                 sync = contextlib.nullcontext()
-                if distributed and a < tc.grad_accum - 1:
-                    sync = train_model.no_sync()
+                if ddp is not None and a < tc.grad_accum - 1:
+                    sync = ddp.no_sync()  # all-reduce once, after the last micro-batch
                 with sync:
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                         terms = diffusion.training_losses(train_model, x0, t, noise, levels=levels)
@@ -403,11 +534,16 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
                 if bad_in_a_row >= tc.max_bad_steps:
                     parts = ", ".join(f"{k}={float(torch.cat(v).mean()):.4g}"
                                       for k, v in step_terms.items() if v)
+                    # Steps are counted from 1 here, as in checkpoint names (step-N: N done).
+                    # A skipped step never changes the weights, so every checkpoint on disk
+                    # holds finite ones.
                     raise TrainingDiverged(
-                        f"{bad_in_a_row} consecutive non-finite steps ending at step {step} "
+                        f"{bad_in_a_row} consecutive non-finite steps ending at step {step + 1} "
                         f"(loss={loss_value:.4g}, grad_norm={grad_norm:.4g}{', ' if parts else ''}"
-                        f"{parts}); the last good checkpoint is untouched: lower --lr, keep "
-                        f"--grad-clip on, or use --precision fp32 / bf16")
+                        f"{parts}; {skipped_total} skipped in all); the last checkpoint "
+                        f"({last_ckpt or 'none written yet'}) is untouched: resume from it with "
+                        f"a lower --lr, keep --grad-clip on, use --precision fp32 / bf16, or "
+                        f"check the data for NaN")
             else:
                 bad_in_a_row = 0
                 scaler.step(optimizer)
@@ -419,9 +555,15 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
                 final_loss = loss_value
                 window["loss"].append(loss_value)
                 window["grad_norm"].append(grad_norm)
-                for k, v in step_terms.items():
-                    if v:
-                        window[k].append(float(torch.cat(v).float().mean()))
+                terms_now = [k for k, v in step_terms.items() if v]
+                if terms_now:  # the global batch's means (every rank has as many examples)
+                    means = torch.stack([torch.cat(step_terms[k]).float().mean()
+                                         for k in terms_now])
+                    if distributed:
+                        torch.distributed.all_reduce(means)
+                        means = means / world
+                    for k, m in zip(terms_now, means.tolist(), strict=True):
+                        window[k].append(m)
                 q = (t_all * 4 // T).clamp(max=3)
                 quartile_sum.index_add_(0, q, full.double())
                 quartile_n.index_add_(0, q, torch.ones_like(full))
@@ -448,12 +590,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
                 for i in range(4):
                     row[f"loss_q{i}"] = (float(quartile_sum[i] / quartile_n[i])
                                          if quartile_n[i] > 0 else "")
-                new = not metrics_path.exists()
-                with open(metrics_path, "a", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-                    if new:
-                        w.writeheader()
-                    w.writerow(row)
+                _append_metrics(metrics_path, row)
                 window = {k: [] for k in window}
                 quartile_sum.zero_()
                 quartile_n.zero_()
@@ -463,11 +600,13 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
                 last_ckpt = save(step)
             if tc.sample_every and step % tc.sample_every == 0:
                 write_pictures(cfg, model, ema, diffusion, data, out, step=step)
+                dist.barrier()  # the others wait here, not in the next step's all-reduce
 
-    if bar is not None:
-        bar.close()
-    if last_ckpt is None or int(last_ckpt.name[5:]) != step:
-        last_ckpt = save(step)
+        # Still under _Stop: a SIGTERM arriving during this last save must not cut it short.
+        if bar is not None:
+            bar.close()
+        if last_ckpt is None or int(last_ckpt.name[5:]) != step:
+            last_ckpt = save(step)
     elapsed = time.time() - t_start
     dist.print0(f"stopped ({stopped}) at step {step} after {elapsed / 60:.1f} min; "
                 f"checkpoint: {last_ckpt}")
