@@ -659,7 +659,7 @@ def test_damaged_trainer_state_on_resume_is_one_line(tmp_path, capsys, trained_r
 
 
 @pytest.mark.parametrize("extra,needles", [
-    (["--spacing", "100"], ["section 0 has 40 steps, cannot keep 100"]),
+    (["--sampler", "ancestral", "--spacing", "100"], ["section 0 has 40 steps, cannot keep 100"]),
     (["--out", "{tmp}/s.jpg"], ["use a .png or .npz file name"]),
     (["--out", "{tmp}/blocker/s.png"], ["blocker is a file, not a folder"]),
 ])

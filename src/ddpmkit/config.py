@@ -197,9 +197,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = field(default="ancestral", metadata=_help(
+    # Default from benchmarks/results/digits: DPM-Solver++ 2M at 20 calls scores FD 3.58
+    # against 3.91 for 1000-step ancestral sampling (real digits: 2.6-3.1 at the same N).
+    sampler: str = field(default="dpm++2m", metadata=_help(
         "ancestral | ddim | dpm++2m | dpm++3m | heun"))
-    steps: int = field(default=0, metadata=_help("network calls / kept steps (0: all T)"))
+    steps: int = field(default=20, metadata=_help("network calls / kept steps (0: all T)"))
     spacing: str = field(default="trailing", metadata=_help(
         "which steps to keep: trailing | quadratic | a list of section counts like '10,15,20'"))
     eta: float = field(default=0.0, metadata=_help("DDIM noise: 0 deterministic, 1 ancestral"))
@@ -507,7 +509,10 @@ RUN_PRESETS: dict[str, RunConfig] = {
     "toy2d": RunConfig(
         data=DataConfig(name="moons"),
         model=MODEL_PRESETS["toy2d"],
-        diffusion=DiffusionConfig(schedule="cosine", timesteps=1000),
+        # Linear, not cosine: cosine's last beta is capped at 0.999, so its first reverse step
+        # multiplies eps errors by 1/sqrt(1 - 0.999) ~ 32, and unclipped 2-D points (no [-1, 1]
+        # range to clip x0 to) landed hundreds of units away.
+        diffusion=DiffusionConfig(schedule="linear", timesteps=1000),
         train=TrainConfig(batch_size=512, lr=1e-3, warmup_steps=100, max_minutes=1.5,
                           ema_half_life=100_000.0, checkpoint_every=1000, log_every=50),
         sample=SampleConfig(num=2000, seed=0),

@@ -403,6 +403,9 @@ def _smooth(values: Sequence[float], smooth: float) -> np.ndarray:
     """Two-sided exponential smoothing (mean of a forward and a backward EMA): no lag."""
     if smooth == 0.0:
         return np.asarray(values, dtype=np.float64)
+    # `smooth` is tuned for long logs; on a short one (a few dozen rows, each already a
+    # window mean) the same weight would bend a decaying curve off its points.
+    smooth = smooth ** max(1.0, 200 / max(len(values), 1))
     return 0.5 * (_ema(values, smooth) + _ema(values[::-1], smooth)[::-1])
 
 

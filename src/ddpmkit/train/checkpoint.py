@@ -54,7 +54,10 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
-        return int(self.trainer_state.get("step", 0))
+        if "step" in self.trainer_state:
+            return int(self.trainer_state["step"])
+        name = self.path.name  # loaded without the trainer state: the folder says it
+        return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else 0
 
 
 def _fsync(path: Path) -> None:
