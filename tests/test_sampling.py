@@ -86,16 +86,6 @@ def fitted_slope(calls, errors):
     return float((x * y).sum() / (x * x).sum())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny; on a shared CPU intra-op threads only add contention
-    # (measured: softmax on [64, 3, 3] 15 ms with 2 threads under load, 0.06 ms with 1).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def x_T(B=64, D=3, seed=0):
     return torch.randn(B, D, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
