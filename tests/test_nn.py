@@ -25,7 +25,7 @@ from ddpmkit.nn import (
     timestep_embedding,
 )
 from ddpmkit.nn import unet as unet_mod
-from ddpmkit.nn.unet import Downsample
+from ddpmkit.nn.unet import Downsample, Upsample
 
 CIFAR10_PARAMS = 35_746_307  # Ho et al. 2020: "35.7 million"; diffusers google/ddpm-cifar10-32
 
@@ -329,6 +329,55 @@ def test_downsample_pads_right_and_bottom_only():
     assert out[0, 0, 2, :].abs().max() == 0 and out[0, 0, :, 2].abs().max() == 0
     # Odd sizes round down (only even sizes occur: image_size is checked).
     assert down(torch.randn(1, 1, 7, 5)).shape[2:] == (3, 2)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (16, 12), (9, 7), (4, 4)])
+def test_upsample_folded_conv_equals_nearest_then_conv(size):
+    # The CPU path folds nearest x2 + 3x3 conv into one stride-2 transposed conv (from 8x8
+    # inputs on; 4x4 takes the plain path): same values and gradients, float64 to rounding.
+    torch.manual_seed(0)
+    up = Upsample(5).double()
+    with torch.no_grad():
+        up.conv.bias.normal_()
+    x = torch.randn(2, 5, *size, dtype=torch.float64, requires_grad=True)
+    out = up(x)
+    ref = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert out.shape == (2, 5, 2 * size[0], 2 * size[1])
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, up.conv.weight, up.conv.bias), g)
+    grads_ref = torch.autograd.grad(ref, (x, up.conv.weight, up.conv.bias), g)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_folded_upsample_matches_the_plain_path_in_a_whole_net(monkeypatch):
+    # tiny at 16x16: its upsample sees 8x8, so the folded path runs. Forcing the plain path
+    # (threshold out of reach) must give the same outputs (float32: 1e-5) and gradients.
+    cfg = _cfg("tiny", image_size=16, attention_resolutions=(8,))
+    model = _random_unet("tiny", image_size=16, attention_resolutions=(8,)).eval()
+    x, t = _inputs(cfg, 3)
+    with torch.no_grad():
+        folded = model(x, t)
+        folded_cl = model.to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last), t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, t)
+        model = model.to(memory_format=torch.contiguous_format)
+        monkeypatch.setattr(unet_mod, "FOLDED_UPSAMPLE_MIN_PIXELS", 10**9)
+        plain = model(x, t)
+    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(folded_cl, plain, rtol=1e-4, atol=1e-5)
+    assert ((low.float() - plain).norm() / plain.norm()) < 0.05
+
+    grads = []
+    for threshold in (64, 10**9):
+        monkeypatch.setattr(unet_mod, "FOLDED_UPSAMPLE_MIN_PIXELS", threshold)
+        net = _random_unet("tiny", image_size=16, attention_resolutions=(8,)).double().train()
+        net(x.double(), t).square().mean().backward()
+        grads.append([p.grad for p in net.parameters()])
+    for g1, g2 in zip(*grads, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
 
 
 def test_timestep_embedding_values():

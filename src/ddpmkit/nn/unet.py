@@ -146,14 +146,45 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+# Upsample's folded path from this many input pixels (H * W) on: below, oneDNN's transposed
+# conv was slower than interpolate + conv on the CPU measured (docs/speed.md).
+FOLDED_UPSAMPLE_MIN_PIXELS = 64
+
+
+def _fold_upsample_kernel(weight: Tensor) -> Tensor:
+    """[O, I, 3, 3] conv weight -> [I, O, 4, 4] weight of the equivalent stride-2 transposed conv.
+
+    Nearest x2 then a 3x3 conv (padding 1) puts, along each axis, output 2i + a on inputs
+    (i-1, i) with taps (w0, w1 + w2) for a = 0 and on (i, i+1) with (w0 + w1, w2) for a = 1.
+    A transposed conv with stride 2, padding 1 and kernel [w2, w1 + w2, w0 + w1, w0] does
+    exactly that. Folded in float32 at least (bf16 weights lose nothing to the sums).
+    """
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    rows = torch.stack([w[:, :, 2], w[:, :, 1] + w[:, :, 2], w[:, :, 0] + w[:, :, 1],
+                        w[:, :, 0]], dim=2)  # [O, I, 4, 3]
+    k = torch.stack([rows[..., 2], rows[..., 1] + rows[..., 2], rows[..., 0] + rows[..., 1],
+                     rows[..., 0]], dim=3)  # [O, I, 4, 4]
+    return k.transpose(0, 1).to(weight.dtype)
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv. [B, C, H, W] -> [B, C, 2H, 2W]."""
+    """Nearest-neighbour x2 then a 3x3 conv. [B, C, H, W] -> [B, C, 2H, 2W].
+
+    On the CPU, from 8x8 inputs up, the same map is computed as one stride-2 transposed conv
+    with a 4x4 kernel folded from the 3x3 one (:func:`_fold_upsample_kernel`): each output
+    pixel then costs 4 taps instead of 9, and the 4x larger upsampled tensor is never built.
+    Equal to the plain path up to float rounding (summation order); gradients reach
+    ``conv.weight`` through the fold, so training and checkpoints are unchanged.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.shape[-2] * x.shape[-1] >= FOLDED_UPSAMPLE_MIN_PIXELS:
+            return F.conv_transpose2d(x, _fold_upsample_kernel(self.conv.weight),
+                                      self.conv.bias, stride=2, padding=1)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
