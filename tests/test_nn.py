@@ -30,16 +30,6 @@ from ddpmkit.nn.unet import Downsample, Upsample
 CIFAR10_PARAMS = 35_746_307  # Ho et al. 2020: "35.7 million"; diffusers google/ddpm-cifar10-32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These nets are tiny: one thread is as fast, and it avoids OpenMP stalls (milliseconds
-    # per op) when other processes load the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg(preset: str, **changes) -> ModelConfig:
     return dataclasses.replace(UNET_PRESETS[preset], **changes)
 
