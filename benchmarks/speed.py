@@ -38,7 +38,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -52,28 +51,13 @@ from torch import nn
 
 from ddpmkit.config import MODEL_PRESETS
 from ddpmkit.diffusion import GaussianDiffusion
-from ddpmkit.nn.unet import UNet, count_parameters
+from ddpmkit.nn.unet import UNet, count_parameters, to_diffusers_name
 from ddpmkit.schedules import linear_betas
 from ddpmkit.train.ema import EMA
 
 T_STEPS = 1000
 LR = 2e-4
 EMA_DECAY = 0.9999
-
-# Our state-dict names -> diffusers' UNet2DModel names (the table in tests/test_nn.py).
-RENAME = [
-    (r"^time_embed\.", "time_embedding."),
-    (r"^down\.(\d+)\.blocks\.", r"down_blocks.\1.resnets."),
-    (r"^down\.(\d+)\.attn\.", r"down_blocks.\1.attentions."),
-    (r"^down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0."),
-    (r"^mid\.blocks\.", "mid_block.resnets."),
-    (r"^mid\.attn\.", "mid_block.attentions."),
-    (r"^up\.(\d+)\.blocks\.", r"up_blocks.\1.resnets."),
-    (r"^up\.(\d+)\.attn\.", r"up_blocks.\1.attentions."),
-    (r"^up\.(\d+)\.upsample\.", r"up_blocks.\1.upsamplers.0."),
-    (r"^norm_out\.", "conv_norm_out."),
-    (r"\.to_out\.", ".to_out.0."),
-]
 
 # google/ddpm-cifar10-32's published unet/config.json (attention at 16x16: the second down
 # block and, counting from the lowest resolution, the third up block), dropout as ours.
@@ -88,12 +72,6 @@ DIFFUSERS_CONFIG = dict(
 )
 
 CONTENDERS = ("ddpmkit", "diffusers")
-
-
-def to_diffusers_name(name: str) -> str:
-    for pattern, repl in RENAME:
-        name = re.sub(pattern, repl, name)
-    return name
 
 
 def import_diffusers():

@@ -25,7 +25,7 @@ from ddpmkit.nn import (
     timestep_embedding,
 )
 from ddpmkit.nn import unet as unet_mod
-from ddpmkit.nn.unet import Downsample, Upsample
+from ddpmkit.nn.unet import Downsample, Upsample, to_diffusers_name
 
 CIFAR10_PARAMS = 35_746_307  # Ho et al. 2020: "35.7 million"; diffusers google/ddpm-cifar10-32
 
@@ -60,30 +60,8 @@ def test_celebahq256_parameter_count():
     assert count_parameters(build_unet("celebahq256")) == 113_673_219
 
 
-# Our names -> diffusers' UNet2DModel names (the rename table documented in unet.py).
-_RENAME = [
-    (r"^time_embed\.", "time_embedding."),
-    (r"^down\.(\d+)\.blocks\.", r"down_blocks.\1.resnets."),
-    (r"^down\.(\d+)\.attn\.", r"down_blocks.\1.attentions."),
-    (r"^down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0."),
-    (r"^mid\.blocks\.", "mid_block.resnets."),
-    (r"^mid\.attn\.", "mid_block.attentions."),
-    (r"^up\.(\d+)\.blocks\.", r"up_blocks.\1.resnets."),
-    (r"^up\.(\d+)\.attn\.", r"up_blocks.\1.attentions."),
-    (r"^up\.(\d+)\.upsample\.", r"up_blocks.\1.upsamplers.0."),
-    (r"^norm_out\.", "conv_norm_out."),
-    (r"\.to_out\.", ".to_out.0."),
-]
-
-
-def _to_diffusers(name: str) -> str:
-    for pattern, repl in _RENAME:
-        name = re.sub(pattern, repl, name)
-    return name
-
-
 def test_cifar10_state_dict_maps_onto_the_diffusers_layout():
-    sd = {_to_diffusers(k): tuple(v.shape) for k, v in build_unet("cifar10").state_dict().items()}
+    sd = {to_diffusers_name(k): tuple(v.shape) for k, v in build_unet("cifar10").state_dict().items()}
     # Facts of google/ddpm-cifar10-32's UNet2DModel state dict.
     assert len(sd) == 328
     prefixes = {}

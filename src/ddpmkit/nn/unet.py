@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +60,33 @@ __all__ = [
     "UNET_PRESETS",
     "build_unet",
     "count_parameters",
+    "DIFFUSERS_RENAME",
+    "to_diffusers_name",
 ]
+
+# Our state-dict names -> diffusers' UNet2DModel names, applied in order (see the module
+# docstring). Used to load published DDPM weights and to compare against diffusers.
+DIFFUSERS_RENAME: list[tuple[str, str]] = [
+    (r"^time_embed\.", "time_embedding."),
+    (r"^down\.(\d+)\.blocks\.", r"down_blocks.\1.resnets."),
+    (r"^down\.(\d+)\.attn\.", r"down_blocks.\1.attentions."),
+    (r"^down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0."),
+    (r"^mid\.blocks\.", "mid_block.resnets."),
+    (r"^mid\.attn\.", "mid_block.attentions."),
+    (r"^up\.(\d+)\.blocks\.", r"up_blocks.\1.resnets."),
+    (r"^up\.(\d+)\.attn\.", r"up_blocks.\1.attentions."),
+    (r"^up\.(\d+)\.upsample\.", r"up_blocks.\1.upsamplers.0."),
+    (r"^norm_out\.", "conv_norm_out."),
+    (r"\.to_out\.", ".to_out.0."),
+]
+
+
+def to_diffusers_name(name: str) -> str:
+    """One of our state-dict keys -> the matching diffusers ``UNet2DModel`` key."""
+    for pattern, repl in DIFFUSERS_RENAME:
+        name = re.sub(pattern, repl, name)
+    return name
+
 
 GROUPNORM_EPS = 1e-6  # the published networks (TF default 1e-6), not PyTorch's 1e-5
 
