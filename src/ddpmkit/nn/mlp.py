@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from ..config import MODEL_PRESETS, ModelConfig
 from ..errors import ConfigError
+from .dropout import Dropout
 from .embeddings import TimeEmbedding
 
 __all__ = ["MLPDenoiser", "MLPBlock", "MLP_PRESETS"]
@@ -24,7 +25,7 @@ class MLPBlock(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.fc1 = nn.Linear(width, width)
         self.time_proj = nn.Linear(width, width)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc2 = nn.Linear(width, width)
 
     def forward(self, h: Tensor, temb: Tensor) -> Tensor:
