@@ -240,6 +240,37 @@ def test_channels_last_gives_the_same_output():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_layouts_per_resolution_give_the_same_outputs_and_gradients(monkeypatch):
+    # On the CPU, maps of >= 16x16 run channels_last and smaller ones NCHW (a speed choice,
+    # docs/speed.md). All-NCHW must give the same function and, in float64, the same
+    # gradients; the output comes back in the default layout either way.
+    shape = dict(image_size=32, channel_mult=(1, 2, 2), attention_resolutions=(16,),
+                 in_channels=3, out_channels=3)  # 1 channel would be both layouts at once
+    x, t = _inputs(_cfg("tiny", **shape), 3)
+    seen = []
+    real = unet_mod._cpu_layout
+    monkeypatch.setattr(unet_mod, "_cpu_layout", lambda h: seen.append(
+        real(h).is_contiguous(memory_format=torch.channels_last)) or real(h))
+    outs, grads, layouts = [], [], []
+    for threshold in (unet_mod.CPU_CHANNELS_LAST_MIN_PIXELS, 10**9):
+        seen.clear()
+        monkeypatch.setattr(unet_mod, "CPU_CHANNELS_LAST_MIN_PIXELS", threshold)
+        net = _random_unet("tiny", **shape).double()
+        torch.manual_seed(5)
+        out = net(x.double(), t)
+        assert out.is_contiguous()
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append([p.grad for p in net.parameters()])
+        layouts.append(list(seen))
+    # The default threshold used both layouts (32x32 and 16x16 maps channels_last, 8x8 and
+    # 4x4 not); the second pass used NCHW only.
+    assert any(layouts[0]) and not all(layouts[0]) and not any(layouts[1])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+    for g1, g2 in zip(*grads, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
+
+
 def test_low_precision_inputs():
     model = _random_unet().eval()
     x, t = _inputs(model.config, 2)
