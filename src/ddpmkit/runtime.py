@@ -1,0 +1,65 @@
+"""Process-wide settings for fast CPU runs: keep freed memory in the process.
+
+A training step of the CIFAR-10 U-Net allocates and frees ~0.5 GB of activations and
+gradients in tensors of 1-16 MB. With glibc's defaults, blocks that large are mapped fresh
+from the kernel (``mmap``) for every allocation and unmapped on free, so every step pays
+~120,000 page faults, each zeroing a 4 KiB page, before any arithmetic happens. Raising the
+mmap and trim thresholds makes glibc serve those blocks from its heap and keep the freed ones
+for the next step. On the 2-core machine of docs/speed.md that made a training step ~1.14x
+and a forward pass ~1.09x faster, the same for any PyTorch model (diffusers' U-Net included).
+
+The cost: memory freed by the process is not returned to the OS until it exits, so the
+resident size stays at its peak. ``ddpmkit``'s commands and :func:`ddpmkit.train.train` call
+:func:`tune_allocator`; set ``DDPMKIT_TUNE_MALLOC=0`` to keep the allocator's defaults. In
+your own scripts, call it once at start-up. Only glibc (Linux) is tuned; elsewhere it does
+nothing (macOS's and musl's allocators behave differently and were not measured).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+__all__ = ["tune_allocator", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+# Blocks below 1 GiB come from the heap (above it, mmap as usual); up to 2 GiB - 1 of free
+# heap top is kept rather than returned (mallopt takes an int).
+MMAP_THRESHOLD = 1 << 30
+TRIM_THRESHOLD = 2**31 - 1
+
+_done: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process (once; idempotent).
+
+    Returns True when the allocator was tuned, False when it was left alone (not glibc, or
+    ``DDPMKIT_TUNE_MALLOC=0``).
+    """
+    global _done
+    if _done is not None:
+        return _done
+    _done = False
+    if os.environ.get("DDPMKIT_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        gnu_get_libc_version = libc.gnu_get_libc_version  # present in glibc only
+    except (OSError, AttributeError):
+        return False
+    del gnu_get_libc_version
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    _done = ok
+    return ok
