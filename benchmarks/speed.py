@@ -1,30 +1,37 @@
 """ddpmkit's CIFAR-10 U-Net against diffusers' ``UNet2DModel`` (google/ddpm-cifar10-32 layout).
 
-One process, one table, one final JSON line::
+One command, one table, one final JSON line::
 
     pip install -e '.[bench]'          # diffusers, for the other contender only
     python benchmarks/speed.py                     # batch 16, 5 rounds, all cores
-    python benchmarks/speed.py --quick             # a smoke run (~2 minutes on 2 cores)
+    python benchmarks/speed.py --quick             # a smoke run (~3 minutes on 2 cores)
     python benchmarks/speed.py --rounds 9 --threads 1
 
-Both networks get the same weights (ours copied into diffusers' through the rename table of
-``tests/test_nn.py``), and the script checks that their outputs agree before timing anything.
-Every measurement alternates the contenders round by round (A, B, A, B, ...) after warm-up
-and reports medians, so that load from other processes hits both alike; the ratio column is
-the median of the per-round ratios.
+Each contender runs in its own worker process, set up as its library runs by default: the
+ddpmkit worker tunes the allocator as ``ddpmkit train`` does (``ddpmkit.runtime``), the
+diffusers worker does not. A third worker, diffusers with ddpmkit's allocator setting, shows
+how much of the gap that setting alone explains (``--no-tuned-diffusers`` drops it). The parent
+alternates the workers round by round (A, B, C, A, B, C, ...) after warm-up, so that load from
+other processes hits all alike, and reports medians; a ratio is the median of the per-round
+ratios.
+
+All networks get the same weights (ours copied into diffusers' through the rename table
+``ddpmkit.nn.unet.DIFFUSERS_RENAME``), and the parent checks that their outputs agree
+before timing anything.
 
 Measured, per contender:
   train   forward + backward + AdamW step + EMA update on the DDPM simple loss, images/s
-          (ours: ``GaussianDiffusion.training_losses`` and ``ddpmkit.train.ema.EMA``;
-          diffusers: ``DDPMScheduler.add_noise``, MSE, ``diffusers.training_utils.EMAModel``;
-          both ``torch.optim.AdamW``, each library at its default settings)
+          (ours: ``GaussianDiffusion.training_losses``, ``ddpmkit.train.ema.EMA`` and
+          ``ddpmkit.train.trainer.make_optimizer``, the trainer's AdamW, fused where PyTorch
+          has it; diffusers: ``DDPMScheduler.add_noise``, MSE, ``torch.optim.AdamW`` and
+          ``diffusers.training_utils.EMAModel``; each library at its default settings)
   forward one sampling-step network call under ``torch.inference_mode()``, images/s
   GFLOP/s the network's model FLOPs (counted with ``FlopCounterMode`` on the reference
           network: nearest upsample + 3x3 conv) times images/s; "% ceil" against the best of
           an fp32 GEMM and a 3x3 conv measured in the same run
-  peak MB peak memory of a training step: CPU, the ru_maxrss rise in a child process per
-          contender (weights, gradients, AdamW state and activations); CUDA,
-          ``torch.cuda.max_memory_allocated``
+  peak MB peak memory of two training steps from a fresh worker: CPU, the rise of the
+          resident set's high-water mark (weights' gradients, AdamW state, EMA and
+          activations); CUDA, ``torch.cuda.max_memory_allocated``
   bpd     full-bound bits/dim evaluation (``GaussianDiffusion.bits_per_dim``, T = 1000,
           every term) throughput in images/s, the diffusers net wrapped as ``model(x, t)``
 
@@ -52,8 +59,10 @@ from torch import nn
 from ddpmkit.config import MODEL_PRESETS
 from ddpmkit.diffusion import GaussianDiffusion
 from ddpmkit.nn.unet import UNet, count_parameters, to_diffusers_name
+from ddpmkit.runtime import tune_allocator
 from ddpmkit.schedules import linear_betas
 from ddpmkit.train.ema import EMA
+from ddpmkit.train.trainer import make_optimizer
 
 T_STEPS = 1000
 LR = 2e-4
@@ -71,7 +80,10 @@ DIFFUSERS_CONFIG = dict(
     norm_eps=1e-6, resnet_time_scale_shift="default", dropout=0.1,
 )
 
-CONTENDERS = ("ddpmkit", "diffusers")
+# "diffusers-tuned": diffusers with ddpmkit's allocator setting (ddpmkit.runtime).
+CONTENDERS = ("ddpmkit", "diffusers", "diffusers-tuned")
+LABELS = {"ddpmkit": "ddpmkit", "diffusers": "diffusers",
+          "diffusers-tuned": "diffusers, tuned malloc"}
 
 
 def import_diffusers():
@@ -171,7 +183,7 @@ Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def network_call(name: str, model: nn.Module) -> Net:
-    if name == "diffusers":
+    if name.startswith("diffusers"):
         return lambda x, t: model(x, t).sample
     return model
 
@@ -190,9 +202,10 @@ def train_step_fn(name: str, model: nn.Module, setup: Setup, libs) -> Callable[[
     """One training step of ``name``'s library on a fixed batch; the model in train mode."""
     model.train()
     x0, noise, t = make_batch(setup)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
     fn = torch.compile(model) if setup.compile else model
     if name == "ddpmkit":
+        # The trainer's AdamW (fused where PyTorch has it), torch's default weight decay as theirs.
+        opt = make_optimizer(model, LR, weight_decay=0.01)
         diffusion = GaussianDiffusion(linear_betas(T_STEPS))
         ema = EMA(model)
 
@@ -206,6 +219,7 @@ def train_step_fn(name: str, model: nn.Module, setup: Setup, libs) -> Callable[[
     else:
         _, _, DDPMScheduler, EMAModel = libs
         scheduler = DDPMScheduler(num_train_timesteps=T_STEPS, beta_schedule="linear")
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
         ema = EMAModel(model.parameters(), decay=EMA_DECAY)
         if setup.device.type == "cuda":
             ema.to(setup.device)
@@ -234,32 +248,6 @@ def forward_fn(name: str, model: nn.Module, setup: Setup) -> Callable[[], None]:
 
 
 # ---- measurements ----------------------------------------------------------------------------
-
-def alternate(fns: dict[str, Callable[[], None]], rounds: int, warmup: int,
-              device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each function, called in turn (A, B, A, B, ...) after warm-up."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            timed(fn, device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(timed(fn, device))
-    return times
-
-
-def summarize(times: dict[str, list[float]], images_per_call: int) -> dict:
-    out = {}
-    for k, ts in times.items():
-        med = statistics.median(ts)
-        out[k] = dict(img_s=images_per_call / med, median_s=med, min_s=min(ts), max_s=max(ts),
-                      times_s=[round(x, 4) for x in ts])
-    a, b = times["ddpmkit"], times["diffusers"]
-    out["ratio_median_of_rounds"] = statistics.median(y / x for x, y in zip(a, b, strict=True))
-    out["ratio_of_medians"] = statistics.median(b) / statistics.median(a)
-    out["ratio_of_best"] = min(b) / min(a)
-    return out
-
 
 def machine_ceiling(device: torch.device, reps: int, bf16: bool) -> dict:
     """Best fp32 (bf16 with --bf16) GFLOP/s of square GEMMs and a 16x128x32x32 -> 128 3x3 conv."""
@@ -303,51 +291,7 @@ def count_flops(call: Net, model: nn.Module) -> tuple[float, float]:
     return fwd, fc.get_total_flops() / n
 
 
-def bits_per_dim_throughput(models: dict[str, nn.Module], setup: Setup, images: int,
-                            rounds: int) -> dict:
-    diffusion = GaussianDiffusion(linear_betas(T_STEPS))
-    g = torch.Generator().manual_seed(3)
-    x0 = (torch.randint(0, 256, (images, 3, 32, 32), generator=g).float() / 127.5 - 1.0)
-    x0 = setup.input(x0)
-    fns, values = {}, {}
-    for name, model in models.items():
-        model.eval()
-        call = network_call(name, model)
-
-        def run(name=name, call=call):
-            with setup.autocast():
-                out = diffusion.bits_per_dim(call, x0, batch_size=250)
-            values[name] = out["total"]
-        fns[name] = run
-    times = alternate(fns, rounds, 0, setup.device)
-    out = summarize(times, images)
-    out["bpd"] = {k: float(v.mean()) for k, v in values.items()}
-    out["bpd_abs_diff"] = float((values["ddpmkit"] - values["diffusers"]).abs().max())
-    return out
-
-
-# ---- peak memory (child process per contender on the CPU) -------------------------------------
-
-def child_main(spec: dict) -> None:
-    """Build one contender, then report the ru_maxrss rise over a few steps as JSON."""
-    torch.set_num_threads(spec["threads"])
-    args = argparse.Namespace(batch=spec["batch"], channels_last=spec["channels_last"],
-                              bf16=spec["bf16"], compile=False)
-    setup = Setup(args, torch.device("cpu"))
-    libs = import_diffusers() if spec["name"] == "diffusers" else None
-    model = build_ours() if spec["name"] == "ddpmkit" else build_diffusers(None, libs[1])
-    model = setup.prepare(model)
-    if spec["mode"] == "train":
-        step = train_step_fn(spec["name"], model, setup, libs)
-    else:
-        step = forward_fn(spec["name"], model, setup)
-    before = peak_rss_kb(reset=True)
-    for _ in range(spec["steps"]):
-        step()
-    after = peak_rss_kb()
-    print(json.dumps(dict(rise_mb=(after - before) / 1024, peak_mb=after / 1024,
-                          base_mb=before / 1024)))
-
+# ---- worker processes ------------------------------------------------------------------------
 
 def peak_rss_kb(reset: bool = False) -> int:
     """This process's peak resident set size in KiB, optionally reset to the current size.
@@ -371,37 +315,148 @@ def peak_rss_kb(reset: bool = False) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
 
-def peak_memory_cpu(args: argparse.Namespace, threads: int) -> dict:
-    out = {}
-    for mode in ("train", "forward"):
-        for name in CONTENDERS:
-            spec = dict(name=name, mode=mode, threads=threads, batch=args.batch,
-                        channels_last=args.channels_last, bf16=args.bf16,
-                        steps=2 if mode == "train" else 1)
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child",
-                                   json.dumps(spec)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"memory child ({name}, {mode}) failed:\n{proc.stderr[-2000:]}")
-            out.setdefault(mode, {})[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
+def reply(obj: dict) -> None:
+    # Tagged, so that anything a library prints on stdout cannot be mistaken for a reply.
+    print("@@" + json.dumps(obj), flush=True)
 
 
-def peak_memory_cuda(models: dict[str, nn.Module], setup: Setup, libs) -> dict:
-    out = {}
-    for mode in ("train", "forward"):
-        for name, model in models.items():
-            step = (train_step_fn(name, model, setup, libs) if mode == "train"
-                    else forward_fn(name, model, setup))
-            step()  # optimizer state and EMA copies exist from here on
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+def peak_memory(step: Callable[[], None], steps: int, device: torch.device) -> dict:
+    """The peak-memory rise over ``steps`` calls of ``step`` (MB), from the state now."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(steps):
             step()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-            out.setdefault(mode, {})[name] = dict(rise_mb=(peak - base) / 2**20,
-                                                  peak_mb=peak / 2**20, base_mb=base / 2**20)
-            model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return dict(rise_mb=(peak - base) / 2**20, peak_mb=peak / 2**20, base_mb=base / 2**20)
+    before = peak_rss_kb(reset=True)
+    for _ in range(steps):
+        step()
+    after = peak_rss_kb()
+    return dict(rise_mb=(after - before) / 1024, peak_mb=after / 1024, base_mb=before / 1024)
+
+
+def worker_main(spec: dict) -> None:
+    """One contender: build it, report its peak memory, then time what the parent asks for.
+
+    Commands on stdin, one per line: ``train``, ``forward``, ``bpd``, ``quit``; each gets one
+    tagged JSON reply with the seconds the call took (and the bound, for ``bpd``).
+    """
+    name = spec["name"]
+    tuned = tune_allocator() if name in ("ddpmkit", "diffusers-tuned") else False
+    device = torch.device(spec["device"])
+    torch.set_num_threads(spec["threads"])
+    if spec["tf32"]:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    setup = Setup(argparse.Namespace(**spec["setup"]), device)
+    libs = None if name == "ddpmkit" else import_diffusers()
+
+    def build() -> nn.Module:
+        ours = build_ours()
+        return setup.prepare(ours if name == "ddpmkit" else build_diffusers(ours, libs[1]))
+
+    # A model to train and an untrained twin for forward and bits/dim, so that the bound is
+    # computed from the same weights in every worker (training moves each net its own way:
+    # each draws its own dropout masks).
+    train_model, eval_model = build(), build()
+    forward = forward_fn(name, eval_model, setup)
+    memory = {"forward": peak_memory(forward, 1, device)} if spec["memory"] else {}
+    train = train_step_fn(name, train_model, setup, libs)
+    if spec["memory"]:
+        # From a fresh model: gradients, AdamW's moments and the EMA copy appear in step 1.
+        memory["train"] = peak_memory(train, 2, device)
+    bpd_x0 = None
+    reply(dict(ready=True, tuned_allocator=tuned, memory=memory))
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "train":
+            reply(dict(s=timed(train, device)))
+        elif cmd == "forward":
+            reply(dict(s=timed(forward, device)))
+        elif cmd == "bpd":
+            if bpd_x0 is None:
+                g = torch.Generator().manual_seed(3)
+                bpd_x0 = setup.input(torch.randint(0, 256, (spec["bpd_images"], 3, 32, 32),
+                                                   generator=g).float() / 127.5 - 1.0)
+            diffusion = GaussianDiffusion(linear_betas(T_STEPS))
+            call = network_call(name, eval_model)
+            eval_model.eval()
+            out = {}
+
+            def run(call=call, out=out, x0=bpd_x0, diffusion=diffusion):
+                with setup.autocast():
+                    out["bpd"] = diffusion.bits_per_dim(call, x0, batch_size=250)["total"]
+            s = timed(run, device)
+            reply(dict(s=s, bpd=[float(v) for v in out["bpd"]]))
+        elif cmd == "quit":
+            return
+        else:
+            raise SystemExit(f"worker: unknown command {cmd!r}")
+
+
+class Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, spec: dict):
+        self.name = spec["name"]
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+        raise RuntimeError(f"worker {self.name} exited (status {self.proc.wait()}); its "
+                           "error is printed above")
+
+    def ask(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                pass
+            self.proc.wait(timeout=60)
+
+
+def alternate(workers: list[Worker], cmd: str, rounds: int, warmup: int) -> dict:
+    """Seconds per call for each worker, asked in turn (A, B, C, A, ...) after warm-up."""
+    for _ in range(warmup):
+        for w in workers:
+            w.ask(cmd)
+    times: dict[str, list[float]] = {w.name: [] for w in workers}
+    extra: dict[str, dict] = {}
+    for _ in range(rounds):
+        for w in workers:
+            r = w.ask(cmd)
+            times[w.name].append(r["s"])
+            extra[w.name] = r
+    return dict(times=times, last=extra)
+
+
+def summarize(times: dict[str, list[float]], images_per_call: int) -> dict:
+    out = {}
+    for k, ts in times.items():
+        med = statistics.median(ts)
+        out[k] = dict(img_s=images_per_call / med, median_s=med, min_s=min(ts), max_s=max(ts),
+                      times_s=[round(x, 4) for x in ts])
+    a = times["ddpmkit"]
+    for k, b in times.items():
+        if k == "ddpmkit":
+            continue
+        out[f"vs_{k}"] = dict(
+            ratio_median_of_rounds=statistics.median(y / x for x, y in zip(a, b, strict=True)),
+            ratio_of_medians=statistics.median(b) / statistics.median(a),
+            ratio_of_best=min(b) / min(a))
     return out
 
 
@@ -413,21 +468,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement (5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (2)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads for both (default: all cores of this process)")
+                   help="torch threads for each worker (default: all cores of this process)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: batch 4, 2 rounds, 1 warm-up, bits/dim once each")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for both (CUDA mainly)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for all (CUDA mainly)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convs on CUDA")
     p.add_argument("--channels-last", action="store_true",
-                   help="both models and inputs in channels_last")
-    p.add_argument("--compile", action="store_true", help="torch.compile both networks")
+                   help="all models and inputs in channels_last")
+    p.add_argument("--compile", action="store_true", help="torch.compile every network")
     p.add_argument("--bpd-images", type=int, default=1,
                    help="images per bits/dim evaluation (each costs T = 1000 network calls)")
     p.add_argument("--bpd-rounds", type=int, default=1, help="bits/dim rounds per contender")
     p.add_argument("--no-bpd", action="store_true", help="skip the bits/dim measurement")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
-    p.add_argument("--_child", help=argparse.SUPPRESS)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-tuned-diffusers", action="store_true",
+                   help="leave out the diffusers worker with ddpmkit's allocator setting")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.rounds, args.warmup, args.bpd_rounds = 4, 2, 1, 1
@@ -441,22 +498,22 @@ def fmt_row(cells, widths):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args._worker:
+        worker_main(json.loads(args._worker))
+        return
     t_start = time.perf_counter()
 
     def note(msg: str) -> None:
         print(f"# [{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
-    if args._child:
-        child_main(json.loads(args._child))
-        return
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     threads = args.threads or all_cores()
     torch.set_num_threads(threads)
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     libs = import_diffusers()
-    setup = Setup(args, device)
+    setup_args = dict(batch=args.batch, channels_last=args.channels_last, bf16=args.bf16,
+                      compile=args.compile)
+    contenders = [c for c in CONTENDERS if not (c == "diffusers-tuned" and (
+        args.no_tuned_diffusers or not sys.platform.startswith("linux")))]
 
     machine = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -466,7 +523,7 @@ def main(argv=None) -> None:
         load_average_start=load_average())
     config = dict(batch=args.batch, rounds=args.rounds, warmup=args.warmup, dtype="fp32",
                   bf16_autocast=args.bf16, tf32=args.tf32, channels_last=args.channels_last,
-                  compile=args.compile, timesteps=T_STEPS)
+                  compile=args.compile, timesteps=T_STEPS, contenders=contenders)
     print(f"# {machine['date']}  {machine['cpu']}, {machine['cores']} cores, "
           f"{threads} threads, device {device}"
           + (f" ({machine['gpu']})" if machine["gpu"] else "")
@@ -496,6 +553,7 @@ def main(argv=None) -> None:
     # fewer (its CPU upsample folds the conv, see docs/speed.md).
     ref_fwd, ref_train = count_flops(network_call("diffusers", theirs_cpu), theirs_cpu)
     our_fwd, our_train = count_flops(ours_cpu, ours_cpu)
+    del ours_cpu, theirs_cpu
     note("FLOPs counted")
     flops = dict(forward_gflop_per_image=ref_fwd / 1e9, train_gflop_per_image=ref_train / 1e9,
                  ddpmkit_executed_forward_gflop=our_fwd / 1e9,
@@ -504,32 +562,37 @@ def main(argv=None) -> None:
     ceiling = machine_ceiling(device, reps=3 if args.quick else 5, bf16=args.bf16)
     note(f"ceiling GFLOP/s (start): {ceiling}")
 
-    models = {"ddpmkit": setup.prepare(ours_cpu), "diffusers": setup.prepare(theirs_cpu)}
-    results: dict = {}
-    train = {k: train_step_fn(k, m, setup, libs) for k, m in models.items()}
-    results["train"] = summarize(alternate(train, args.rounds, args.warmup, device), args.batch)
-    del train
-    for m in models.values():
-        m.zero_grad(set_to_none=True)
-    note(f"train done ({results['train']['ratio_median_of_rounds']:.3f}x)")
-    fwd = {k: forward_fn(k, m, setup) for k, m in models.items()}
-    results["forward"] = summarize(alternate(fwd, args.rounds, args.warmup, device), args.batch)
-    note(f"forward done ({results['forward']['ratio_median_of_rounds']:.3f}x)")
-
-    if not args.no_bpd:
-        # The training rounds moved each network's weights its own way (own dropout masks):
-        # give diffusers ours again, so the two bounds must agree as well.
-        with torch.no_grad():
-            models["diffusers"].load_state_dict(
-                {to_diffusers_name(k): v for k, v in models["ddpmkit"].state_dict().items()})
-        results["bits_per_dim"] = bits_per_dim_throughput(models, setup, args.bpd_images,
-                                                          args.bpd_rounds)
-        note(f"bits/dim done (bpd {results['bits_per_dim']['bpd']}, max |diff| "
-             f"{results['bits_per_dim']['bpd_abs_diff']:.2e})")
-    if not args.no_memory:
-        results["memory"] = (peak_memory_cuda(models, setup, libs) if device.type == "cuda"
-                             else peak_memory_cpu(args, threads))
-        note("peak memory done")
+    # One worker at a time builds and measures its peak memory (alone on the machine),
+    # then all are timed in turn.
+    workers, ready = [], {}
+    try:
+        for name in contenders:
+            w = Worker(dict(name=name, device=str(device), threads=threads, tf32=args.tf32,
+                            setup=setup_args, memory=not args.no_memory,
+                            bpd_images=args.bpd_images))
+            workers.append(w)
+            ready[name] = w.read()
+            note(f"worker {name} ready (allocator tuned: {ready[name]['tuned_allocator']})")
+        results: dict = {}
+        if not args.no_memory:
+            results["memory"] = {mode: {k: r["memory"][mode] for k, r in ready.items()}
+                                 for mode in ("train", "forward")}
+        for what in ("train", "forward"):
+            run = alternate(workers, what, args.rounds, args.warmup)
+            results[what] = summarize(run["times"], args.batch)
+            note(f"{what} done ({results[what]['vs_diffusers']['ratio_median_of_rounds']:.3f}x"
+                 " diffusers)")
+        if not args.no_bpd:
+            run = alternate(workers, "bpd", args.bpd_rounds, 0)
+            results["bits_per_dim"] = summarize(run["times"], args.bpd_images)
+            bpd = {k: statistics.mean(r["bpd"]) for k, r in run["last"].items()}
+            results["bits_per_dim"]["bpd"] = bpd
+            results["bits_per_dim"]["bpd_abs_diff"] = max(bpd.values()) - min(bpd.values())
+            note(f"bits/dim done (bpd {bpd}, max |diff| "
+                 f"{results['bits_per_dim']['bpd_abs_diff']:.2e})")
+    finally:
+        for w in workers:
+            w.close()
     machine["load_average_end"] = load_average()
     # The ceiling again: a best-of at one moment of a shared machine can come out low.
     again = machine_ceiling(device, reps=3 if args.quick else 5, bf16=args.bf16)
@@ -540,8 +603,9 @@ def main(argv=None) -> None:
     header = ["contender", "train img/s", "fwd img/s", "train GFLOP/s", "fwd GFLOP/s",
               "train %ceil", "fwd %ceil", "train peak MB", "bpd img/s"]
     widths = [max(len(h), 10) for h in header]
+    widths[0] = max(len(LABELS[c]) for c in contenders) + 6
     rows, summary = [], {}
-    for k in CONTENDERS:
+    for k in contenders:
         tr, fw = results["train"][k]["img_s"], results["forward"][k]["img_s"]
         tg, fg = tr * flops["train_gflop_per_image"], fw * flops["forward_gflop_per_image"]
         mem = results.get("memory", {}).get("train", {}).get(k, {}).get("rise_mb")
@@ -550,21 +614,24 @@ def main(argv=None) -> None:
                           forward_gflop_s=fg, train_pct_ceiling=100 * tg / ceil,
                           forward_pct_ceiling=100 * fg / ceil, train_peak_mb=mem,
                           bpd_img_s=bpd)
-        rows.append([k, f"{tr:.2f}", f"{fw:.2f}", f"{tg:.1f}", f"{fg:.1f}",
+        rows.append([LABELS[k], f"{tr:.2f}", f"{fw:.2f}", f"{tg:.1f}", f"{fg:.1f}",
                      f"{100 * tg / ceil:.0f}%", f"{100 * fg / ceil:.0f}%",
                      "-" if mem is None else f"{mem:.0f}",
                      "-" if bpd is None else f"{bpd:.4f}"])
-    ratios = dict(train=results["train"]["ratio_median_of_rounds"],
-                  forward=results["forward"]["ratio_median_of_rounds"])
-    if "bits_per_dim" in results:
-        ratios["bits_per_dim"] = results["bits_per_dim"]["ratio_median_of_rounds"]
-    if "memory" in results:
-        m = results["memory"]["train"]
-        ratios["train_peak_memory"] = m["ddpmkit"]["rise_mb"] / m["diffusers"]["rise_mb"]
-    rows.append(["ours/diffusers", f"{ratios['train']:.3f}x", f"{ratios['forward']:.3f}x",
-                 "", "", "", "",
-                 f"{ratios['train_peak_memory']:.2f}x" if "train_peak_memory" in ratios else "-",
-                 f"{ratios['bits_per_dim']:.3f}x" if "bits_per_dim" in ratios else "-"])
+    ratios = {}
+    for other in contenders[1:]:
+        r = ratios[other] = dict(
+            train=results["train"][f"vs_{other}"]["ratio_median_of_rounds"],
+            forward=results["forward"][f"vs_{other}"]["ratio_median_of_rounds"])
+        if "bits_per_dim" in results:
+            r["bits_per_dim"] = results["bits_per_dim"][f"vs_{other}"]["ratio_median_of_rounds"]
+        if "memory" in results:
+            m = results["memory"]["train"]
+            r["train_peak_memory"] = m["ddpmkit"]["rise_mb"] / m[other]["rise_mb"]
+        rows.append([f"ours / {LABELS[other]}", f"{r['train']:.3f}x", f"{r['forward']:.3f}x",
+                     "", "", "", "",
+                     f"{r['train_peak_memory']:.2f}x" if "train_peak_memory" in r else "-",
+                     f"{r['bits_per_dim']:.3f}x" if "bits_per_dim" in r else "-"])
     print()
     print(fmt_row(header, widths))
     for r in rows:
@@ -575,19 +642,20 @@ def main(argv=None) -> None:
           f"{flops['ddpmkit_executed_forward_gflop']:.2f} / "
           f"{flops['ddpmkit_executed_train_gflop']:.2f}")
     for k in ("train", "forward", "bits_per_dim"):
-        if k in results:
-            r = results[k]
-            print(f"# {k}: ours/diffusers median of per-round ratios "
-                  f"{r['ratio_median_of_rounds']:.3f}, ratio of medians {r['ratio_of_medians']:.3f}"
-                  f", ratio of best rounds {r['ratio_of_best']:.3f}")
+        for other in contenders[1:]:
+            if k in results:
+                r = results[k][f"vs_{other}"]
+                print(f"# {k}: ours / {LABELS[other]}: median of per-round ratios "
+                      f"{r['ratio_median_of_rounds']:.3f}, ratio of medians "
+                      f"{r['ratio_of_medians']:.3f}, ratio of best rounds {r['ratio_of_best']:.3f}")
     print(f"# ceiling (best of start and end) {ceil:.0f} GFLOP/s: {ceiling}")
     print(f"# ratios are medians of per-round ratios (speed: >1 means ddpmkit faster; memory: "
-          f"ddpmkit's rise / diffusers'); medians of rounds -> img/s; load avg "
+          f"ddpmkit's rise / the other's); medians of rounds -> img/s; load avg "
           f"{machine['load_average_start']} -> {machine['load_average_end']}")
     if "memory" in results:
         fm = results["memory"]["forward"]
-        print(f"# forward peak rise MB: ddpmkit {fm['ddpmkit']['rise_mb']:.0f}, "
-              f"diffusers {fm['diffusers']['rise_mb']:.0f}")
+        print("# forward peak rise MB: " + ", ".join(
+            f"{LABELS[k]} {fm[k]['rise_mb']:.0f}" for k in contenders))
     print(json.dumps(dict(machine=machine, config=config, agreement=agree, flops=flops,
                           ceiling_gflop_s=ceiling, summary=summary, ratios=ratios,
                           results=results)))
