@@ -80,10 +80,13 @@ DIFFUSERS_CONFIG = dict(
     norm_eps=1e-6, resnet_time_scale_shift="default", dropout=0.1,
 )
 
-# "diffusers-tuned": diffusers with ddpmkit's allocator setting (ddpmkit.runtime).
-CONTENDERS = ("ddpmkit", "diffusers", "diffusers-tuned")
+# "diffusers-tuned": diffusers with ddpmkit's allocator setting (ddpmkit.runtime);
+# "ddpmkit-default-malloc": ddpmkit with glibc's defaults (DDPMKIT_TUNE_MALLOC=0).
+CONTENDERS = ("ddpmkit", "diffusers", "diffusers-tuned", "ddpmkit-default-malloc")
+DEFAULT_CONTENDERS = ("ddpmkit", "diffusers", "diffusers-tuned")
 LABELS = {"ddpmkit": "ddpmkit", "diffusers": "diffusers",
-          "diffusers-tuned": "diffusers, tuned malloc"}
+          "diffusers-tuned": "diffusers, tuned malloc",
+          "ddpmkit-default-malloc": "ddpmkit, default malloc"}
 
 
 def import_diffusers():
@@ -346,25 +349,26 @@ def worker_main(spec: dict) -> None:
     """
     name = spec["name"]
     tuned = tune_allocator() if name in ("ddpmkit", "diffusers-tuned") else False
+    lib = "ddpmkit" if name.startswith("ddpmkit") else "diffusers"
     device = torch.device(spec["device"])
     torch.set_num_threads(spec["threads"])
     if spec["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     setup = Setup(argparse.Namespace(**spec["setup"]), device)
-    libs = None if name == "ddpmkit" else import_diffusers()
+    libs = None if lib == "ddpmkit" else import_diffusers()
 
     def build() -> nn.Module:
         ours = build_ours()
-        return setup.prepare(ours if name == "ddpmkit" else build_diffusers(ours, libs[1]))
+        return setup.prepare(ours if lib == "ddpmkit" else build_diffusers(ours, libs[1]))
 
     # A model to train and an untrained twin for forward and bits/dim, so that the bound is
     # computed from the same weights in every worker (training moves each net its own way:
     # each draws its own dropout masks).
     train_model, eval_model = build(), build()
-    forward = forward_fn(name, eval_model, setup)
+    forward = forward_fn(lib, eval_model, setup)
     memory = {"forward": peak_memory(forward, 1, device)} if spec["memory"] else {}
-    train = train_step_fn(name, train_model, setup, libs)
+    train = train_step_fn(lib, train_model, setup, libs)
     if spec["memory"]:
         # From a fresh model: gradients, AdamW's moments and the EMA copy appear in step 1.
         memory["train"] = peak_memory(train, 2, device)
@@ -382,7 +386,7 @@ def worker_main(spec: dict) -> None:
                 bpd_x0 = setup.input(torch.randint(0, 256, (spec["bpd_images"], 3, 32, 32),
                                                    generator=g).float() / 127.5 - 1.0)
             diffusion = GaussianDiffusion(linear_betas(T_STEPS))
-            call = network_call(name, eval_model)
+            call = network_call(lib, eval_model)
             eval_model.eval()
             out = {}
 
@@ -482,6 +486,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bpd-rounds", type=int, default=1, help="bits/dim rounds per contender")
     p.add_argument("--no-bpd", action="store_true", help="skip the bits/dim measurement")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=None,
+                   help="workers to compare, ddpmkit first and always (default: "
+                        + " ".join(DEFAULT_CONTENDERS) + "; ddpmkit-default-malloc is "
+                        "ddpmkit with glibc's allocator defaults)")
     p.add_argument("--no-tuned-diffusers", action="store_true",
                    help="leave out the diffusers worker with ddpmkit's allocator setting")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -512,8 +520,15 @@ def main(argv=None) -> None:
     libs = import_diffusers()
     setup_args = dict(batch=args.batch, channels_last=args.channels_last, bf16=args.bf16,
                       compile=args.compile)
-    contenders = [c for c in CONTENDERS if not (c == "diffusers-tuned" and (
-        args.no_tuned_diffusers or not sys.platform.startswith("linux")))]
+    chosen = ["ddpmkit"] + [c for c in (args.contenders or DEFAULT_CONTENDERS)
+                            if c != "ddpmkit"]
+    if args.no_tuned_diffusers:
+        chosen = [c for c in chosen if c != "diffusers-tuned"]
+    if not sys.platform.startswith("linux"):  # the allocator setting is glibc's
+        chosen = [c for c in chosen if c not in ("diffusers-tuned", "ddpmkit-default-malloc")]
+    contenders = list(dict.fromkeys(chosen))
+    if len(contenders) < 2:
+        sys.exit("speed.py: nothing to compare ddpmkit with")
 
     machine = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -580,8 +595,9 @@ def main(argv=None) -> None:
         for what in ("train", "forward"):
             run = alternate(workers, what, args.rounds, args.warmup)
             results[what] = summarize(run["times"], args.batch)
-            note(f"{what} done ({results[what]['vs_diffusers']['ratio_median_of_rounds']:.3f}x"
-                 " diffusers)")
+            first = contenders[1]
+            note(f"{what} done ({results[what][f'vs_{first}']['ratio_median_of_rounds']:.3f}x"
+                 f" {first})")
         if not args.no_bpd:
             run = alternate(workers, "bpd", args.bpd_rounds, 0)
             results["bits_per_dim"] = summarize(run["times"], args.bpd_images)
