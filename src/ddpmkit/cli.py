@@ -25,7 +25,7 @@ from . import config as C
 from .errors import ConfigError, DdpmkitError
 
 EPILOG_TRAIN = """examples:
-  ddpmkit train                                 # the built-in digits preset, ~10 min on 2 CPU cores
+  ddpmkit train                                 # the built-in digits preset, ~8 min on 2 CPU cores
   ddpmkit train --data moons                    # a 2-D toy set, ~2 min
   ddpmkit train --data ./my_images --image-size 32 --max-steps 100000 --out runs/mine
   ddpmkit train --config my.toml --lr 1e-4      # flags override the file
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (default: the digits preset)",
                        description="Train a diffusion model. With no arguments: the built-in "
-                       "digits preset (8x8 digits, ~10 minutes on 2 CPU cores). The defaults "
+                       "digits preset (8x8 digits, ~8 minutes on 2 CPU cores). The defaults "
                        "shown are that preset's; --config, or --data naming a 2-D set, starts "
                        "from another preset (see `ddpmkit config PRESET`). Flags override it.",
                        epilog=EPILOG_TRAIN, formatter_class=fmt)
