@@ -53,3 +53,11 @@ def test_every_command_has_help(cmd, capsys):
         main([cmd, "--help"])
     assert e.value.code == 0
     assert "usage: ddpmkit " + cmd in capsys.readouterr().out
+
+
+def test_eval_prints_tiny_bound_terms_with_significant_digits():
+    from ddpmkit.cli import _term
+    assert _term(3.34612) == "3.3461"
+    assert _term(1.2e-19) == "1.2e-19"  # L_0 of 17-level digits: small, not zero
+    assert _term(0.0) == "0.0000"
+    assert _term(0.0012) == "0.0012"

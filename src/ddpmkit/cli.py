@@ -240,10 +240,16 @@ def cmd_eval(args) -> int:
         print(f"{run.config.data.name} {args.split}: {res['n']} examples, T = {res['timesteps']}")
         print(f"  negative log-likelihood bound  {res['bits_per_dim']:.4f} "
               f"± {res['stderr']:.4f} {unit}")
-        print(f"    L_T  (prior)                 {res['prior']:.6f}")
-        print(f"    sum L_(t-1), t = 2..T        {res['diffusion']:.4f}")
-        print(f"    L_0  (decoder)               {res['decoder']:.4f}")
+        print(f"    L_T  (prior)                 {_term(res['prior'])}")
+        print(f"    sum L_(t-1), t = 2..T        {_term(res['diffusion'])}")
+        print(f"    L_0  (decoder)               {_term(res['decoder'])}")
     return 0
+
+
+def _term(value: float) -> str:
+    """A bound term: 4 decimals, or 3 significant digits when it is below 1e-3 but not zero
+    (L_0 for 17-level digits on the cosine schedule is ~1e-19 bits/dim, not 0.0000)."""
+    return f"{value:.3g}" if value != 0 and abs(value) < 1e-3 else f"{value:.4f}"
 
 
 # ---- show ------------------------------------------------------------------------------------
