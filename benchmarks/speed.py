@@ -28,7 +28,7 @@ Measured, per contender:
   forward one sampling-step network call under ``torch.inference_mode()``, images/s
   GFLOP/s the network's model FLOPs (counted with ``FlopCounterMode`` on the reference
           network: nearest upsample + 3x3 conv) times images/s; "% ceil" against the best of
-          an fp32 GEMM and a 3x3 conv measured in the same run
+          an fp32 GEMM and a 3x3 conv measured in the same run (start, between phases, end)
   peak MB peak memory of two training steps from a fresh worker: CPU, the rise of the
           resident set's high-water mark (weights' gradients, AdamW state, EMA and
           activations); CUDA, ``torch.cuda.max_memory_allocated``
@@ -575,6 +575,7 @@ def main(argv=None) -> None:
                  ddpmkit_executed_train_gflop=our_train / 1e9)
 
     ceiling = machine_ceiling(device, reps=3 if args.quick else 5, bf16=args.bf16)
+    ceilings = [ceiling]
     note(f"ceiling GFLOP/s (start): {ceiling}")
 
     # One worker at a time builds and measures its peak memory (alone on the machine),
@@ -595,6 +596,10 @@ def main(argv=None) -> None:
         for what in ("train", "forward"):
             run = alternate(workers, what, args.rounds, args.warmup)
             results[what] = summarize(run["times"], args.batch)
+            # The ceiling again between phases (workers idle): this VM's speed drifts over
+            # minutes, and a best-of taken at one slow moment would come out low.
+            ceilings.append(machine_ceiling(device, reps=3 if args.quick else 5,
+                                            bf16=args.bf16))
             first = contenders[1]
             note(f"{what} done ({results[what][f'vs_{first}']['ratio_median_of_rounds']:.3f}x"
                  f" {first})")
@@ -610,9 +615,8 @@ def main(argv=None) -> None:
         for w in workers:
             w.close()
     machine["load_average_end"] = load_average()
-    # The ceiling again: a best-of at one moment of a shared machine can come out low.
-    again = machine_ceiling(device, reps=3 if args.quick else 5, bf16=args.bf16)
-    ceiling = {k: max(v, again[k]) for k, v in ceiling.items()}
+    ceilings.append(machine_ceiling(device, reps=3 if args.quick else 5, bf16=args.bf16))
+    ceiling = {k: max(c[k] for c in ceilings) for k in ceiling}
 
     # ---- table ----
     ceil = ceiling["ceiling"]
@@ -664,7 +668,8 @@ def main(argv=None) -> None:
                 print(f"# {k}: ours / {LABELS[other]}: median of per-round ratios "
                       f"{r['ratio_median_of_rounds']:.3f}, ratio of medians "
                       f"{r['ratio_of_medians']:.3f}, ratio of best rounds {r['ratio_of_best']:.3f}")
-    print(f"# ceiling (best of start and end) {ceil:.0f} GFLOP/s: {ceiling}")
+    print(f"# ceiling (best of {len(ceilings)} measurements: start, between phases, end) "
+          f"{ceil:.0f} GFLOP/s: {ceiling}")
     print(f"# ratios are medians of per-round ratios (speed: >1 means ddpmkit faster; memory: "
           f"ddpmkit's rise / the other's); medians of rounds -> img/s; load avg "
           f"{machine['load_average_start']} -> {machine['load_average_end']}")
