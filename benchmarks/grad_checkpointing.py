@@ -24,6 +24,7 @@ import sys
 import time
 
 import torch
+from speed import peak_rss_kb  # benchmarks/speed.py, next to this script
 
 from ddpmkit.config import MODEL_PRESETS
 from ddpmkit.diffusion import GaussianDiffusion
@@ -32,17 +33,6 @@ from ddpmkit.runtime import tune_allocator
 from ddpmkit.schedules import linear_betas
 from ddpmkit.train.ema import EMA
 from ddpmkit.train.trainer import make_optimizer
-
-
-def peak_kb(reset: bool = False) -> int:
-    if reset:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def worker(spec: dict) -> dict:
@@ -75,13 +65,13 @@ def worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = peak_kb(reset=True) * 1024
+        base = peak_rss_kb(reset=True) * 1024
     times = []
     for _ in range(spec["steps"]):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_kb() * 1024
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_kb() * 1024
     rise = (peak - base) / 2**20
     state_mb = 4 * params * 4 / 2**20  # gradients, two AdamW moments, EMA (fp32)
     return dict(grad_checkpointing=spec["grad_checkpointing"], rise_mb=rise,
