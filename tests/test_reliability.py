@@ -763,8 +763,9 @@ def test_escaping_data_name_writes_nothing_outside(tmp_path, capsys, monkeypatch
     monkeypatch.chdir(cwd)
     rc, _, err = cli(capsys, "train", "--data", "../../evil", "--max-steps", "1", *STEP_FLAGS)
     assert_one_error_line(rc, err, "unknown data set '../../evil'")
+    # Only the run folder (with its lock file) exists, under ./runs.
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == \
-        ["a", "a/b", "a/b/runs", "a/b/runs/evil"]
+        ["a", "a/b", "a/b/runs", "a/b/runs/evil", "a/b/runs/evil/.lock"]
 
 
 def test_dot_dot_data_name_trains_inside_runs(tmp_path, capsys, monkeypatch):

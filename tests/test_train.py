@@ -92,6 +92,30 @@ def test_checkpoints_are_pruned_and_complete(tmp_path):
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="flock is POSIX")
+def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path):
+    # Another trainer (here: this process holding the lock through a separate open file, as a
+    # second process would) makes train() stop before touching the folder; once the holder
+    # is gone the same call trains, and its own lock is released when it returns.
+    import fcntl
+
+    from ddpmkit.errors import ConfigError
+
+    cfg = tiny_config(max_steps=2, checkpoint_every=2, sample_every=0)
+    holder = open(tmp_path / ".lock", "a+")  # noqa: SIM115
+    holder.write("pid 12345 on elsewhere\n")
+    holder.flush()
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(ConfigError, match=r"in use by another training run \(pid 12345"):
+        train(cfg, tmp_path, resume=None, progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+    holder.close()
+    train(cfg, tmp_path, resume=None, progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002"]
+    with open(tmp_path / ".lock") as again:  # released: a new holder gets it at once
+        fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_cli_train_sample_eval_roundtrip(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--max-steps", "4", "--max-minutes", "0",

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,22 +314,68 @@ def _append_metrics(path: Path, row: dict) -> None:
 
 # ---- the loop --------------------------------------------------------------------------------
 
+class _RunDirLock:
+    """An exclusive lock on ``out/.lock`` for one training run (rank 0 holds it).
+
+    Two trainers writing into one folder would rotate each other's checkpoints away. The lock
+    is ``flock``: the kernel drops it when the process ends, however it ends (a SIGKILLed run
+    leaves no stale lock behind). Where ``fcntl`` is missing (Windows) there is no lock.
+    """
+
+    def __init__(self, out: Path):
+        self.file = None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        f = open(out / ".lock", "a+")  # noqa: SIM115 (held open for the whole run)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ConfigError(f"{out} is in use by another training run ({holder}); stop it "
+                              "or train into another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self.file = f
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing drops the flock
+            self.file = None
+
+
 def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
           progress: bool = True) -> TrainResult:
     """Train per ``cfg`` into ``out_dir``; ``resume`` is "auto", None or a checkpoint path.
 
     Tunes this process's allocator first (:func:`ddpmkit.runtime.tune_allocator`: freed memory
-    stays in the process; ``DDPMKIT_TUNE_MALLOC=0`` opts out).
+    stays in the process; ``DDPMKIT_TUNE_MALLOC=0`` opts out). ``out_dir`` is locked for the
+    run: a second trainer on the same folder stops with a ConfigError.
     """
+    out = Path(out_dir)
+    lock = None
+    if dist.is_main():  # before the process group exists: reads RANK from the environment
+        _check_writable(out)
+        lock = _RunDirLock(out)
+    try:
+        return _train(cfg, out, resume, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, out: Path, resume: str | None, progress: bool) -> TrainResult:
     t_start = time.time()
     tune_allocator()
     tc = cfg.train
     device = dist.resolve_device(tc.device)
     distributed = dist.init_process_group(device)
     rank, world = dist.rank(), dist.world_size()
-    out = Path(out_dir)
-    if dist.is_main():
-        _check_writable(out)
 
     data = load_data(cfg.data, "train")
     cfg = resolve_config(cfg, data)
