@@ -102,7 +102,7 @@ def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path):
     from ddpmkit.errors import ConfigError
 
     cfg = tiny_config(max_steps=2, checkpoint_every=2, sample_every=0)
-    holder = open(tmp_path / ".lock", "a+")  # noqa: SIM115
+    holder = open(tmp_path / ".lock", "a+")
     holder.write("pid 12345 on elsewhere\n")
     holder.flush()
     fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -24,13 +24,17 @@ __all__ = ["Dropout", "dropout", "MASK_LEVELS"]
 MASK_LEVELS = 65536  # 16 random bits per element: p is rounded to a multiple of 1 / 65536
 
 
+def _check_probability(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability {p} must be in [0, 1)")
+
+
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """Zero each element of ``x`` with probability ~p and scale the rest by 1 / (1 - p).
 
     Any shape. Gradients are ``grad * mask / (1 - p)``, as for ``F.dropout``.
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability {p} must be in [0, 1)")
+    _check_probability(p)
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or x.dtype != torch.float32:
@@ -56,8 +60,7 @@ class Dropout(nn.Module):
 
     def __init__(self, p: float) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability {p} must be in [0, 1)")
+        _check_probability(p)
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:

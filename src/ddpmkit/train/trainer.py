@@ -247,11 +247,11 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
     fused CPU AdamW: there, and wherever it refuses, the default implementation is used.
     """
     params = list(model.parameters())
+    settings = dict(lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     try:
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay,
-                                 fused=True)
+        return torch.optim.AdamW(params, **settings, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+        return torch.optim.AdamW(params, **settings)
 
 
 def _lr_at(cfg, step: int) -> float:
@@ -328,7 +328,7 @@ class _RunDirLock:
             import fcntl
         except ImportError:
             return
-        f = open(out / ".lock", "a+")  # noqa: SIM115 (held open for the whole run)
+        f = open(out / ".lock", "a+")  # held open for the whole run: closing unlocks
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
