@@ -372,317 +372,437 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
 def _train(cfg: RunConfig, out: Path, resume: str | None, progress: bool) -> TrainResult:
     t_start = time.time()
     tune_allocator()
-    tc = cfg.train
-    device = dist.resolve_device(tc.device)
-    distributed = dist.init_process_group(device)
-    rank, world = dist.rank(), dist.world_size()
+    trainer = _Trainer(cfg, out, t_start)
+    trainer.restore(trainer.find_checkpoint(resume), resume)
+    trainer.announce()
+    return trainer.run(progress)
 
-    data = load_data(cfg.data, "train")
-    cfg = resolve_config(cfg, data)
-    tc = cfg.train
-    if data.skipped:
-        dist.print0(f"skipped {len(data.skipped)} unreadable file(s); first: {data.skipped[0]}")
-    diffusion = build_diffusion(cfg)
-    T = diffusion.num_timesteps
-    levels = data.levels
 
-    # The same initial weights on every rank (DDP would broadcast rank 0's anyway, but the EMA
-    # copies them first); then each rank its own dropout stream, saved and restored on resume.
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg.model).to(device)
-    if rank > 0:
-        torch.manual_seed(_dropout_seed(tc.seed, rank, 0))
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    ema = EMA(model)
-    optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
-    gen = torch.Generator().manual_seed(tc.seed)
-    timesteps = TimestepSampler(T, tc.timestep_sampler)
-    step, images_seen, bad_in_a_row, skipped_total = 0, 0, 0, 0
+@dataclass
+class _LogWindow:
+    """The metric row in progress: per-step values since the last log row, and the loss summed
+    by timestep quartile. Saved in checkpoints, so that a resume between two log steps writes
+    the rows of a straight run."""
 
-    ckpt_path = None
-    if resume == "auto":
-        found = list_checkpoints(out)
-        ckpt_path = found[-1] if found else None
-        # rank 0's choice, so that every rank resumes from the same step even if a listing
-        # of a shared file system lags
-        ckpt_path = dist.broadcast_object(ckpt_path)
-    elif resume:
-        ckpt_path = resume
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
+    values: dict[str, list[float]] = dataclasses.field(
+        default_factory=lambda: {k: [] for k in ("loss", "mse", "vb", "grad_norm")})
+    quartile_sum: torch.Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(4, dtype=torch.float64))
+    quartile_n: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(4))
+
+    def state(self) -> dict:
+        return {"window": self.values, "quartile_sum": self.quartile_sum.tolist(),
+                "quartile_n": self.quartile_n.tolist()}
+
+    def load(self, saved: dict) -> None:
+        # Metrics are not worth failing a resume over: bad ones are reset.
+        with contextlib.suppress(KeyError, TypeError, ValueError, RuntimeError):
+            values = {k: [float(v) for v in saved["window"][k]] for k in self.values}
+            q_sum = torch.tensor(saved["quartile_sum"], dtype=torch.float64).reshape(4)
+            q_n = torch.tensor(saved["quartile_n"], dtype=torch.float32).reshape(4)
+            self.values, self.quartile_sum, self.quartile_n = values, q_sum, q_n
+
+    def row(self) -> dict:
+        """The means since the last row (then cleared)."""
+        row = {k: sum(v) / len(v) if v else "" for k, v in self.values.items()}
+        for i in range(4):
+            n = self.quartile_n[i]
+            row[f"loss_q{i}"] = float(self.quartile_sum[i] / n) if n > 0 else ""
+        self.values = {k: [] for k in self.values}
+        self.quartile_sum.zero_()
+        self.quartile_n.zero_()
+        return row
+
+
+@dataclass
+class _StepResult:
+    """One global step's outcome as every rank sees it."""
+
+    lr: float
+    loss: float                       # mean over the global batch
+    grad_norm: float
+    per_example: torch.Tensor         # [global_batch] losses, in global-batch order (CPU)
+    t: torch.Tensor                   # [global_batch] timesteps
+    term_means: dict[str, float]      # global means of the loss terms ("mse", "vb")
+
+
+class _Trainer:
+    """One training run, in named parts: set-up (``__init__``), :meth:`restore`, :meth:`step`,
+    :meth:`log`, :meth:`save` and the loop that calls them (:meth:`run`)."""
+
+    # ---- set-up --------------------------------------------------------------------------
+
+    def __init__(self, cfg: RunConfig, out: Path, t_start: float):
+        self.out, self.t_start = out, t_start
+        self.device = dist.resolve_device(cfg.train.device)
+        self.distributed = dist.init_process_group(self.device)
+        self.rank, self.world = dist.rank(), dist.world_size()
+
+        self.data = load_data(cfg.data, "train")
+        self.cfg = cfg = resolve_config(cfg, self.data)
+        tc = cfg.train
+        if self.data.skipped:
+            dist.print0(f"skipped {len(self.data.skipped)} unreadable file(s); first: "
+                        f"{self.data.skipped[0]}")
+        self.diffusion = build_diffusion(cfg)
+        self._build_model()
+        self.timesteps = TimestepSampler(self.diffusion.num_timesteps, tc.timestep_sampler)
+        self.order = _DataOrder(len(self.data), tc.seed)
+        self.global_batch = tc.batch_size * self.world * tc.grad_accum
+        self.step_count, self.images_seen, self.bad_in_a_row, self.skipped_total = 0, 0, 0, 0
+        self.window = _LogWindow()
+        self.last_ckpt: Path | None = None
+
+    def _build_model(self) -> None:
+        tc = self.cfg.train
+        # The same initial weights on every rank (DDP would broadcast rank 0's anyway, but the
+        # EMA copies them first); then each rank its own dropout stream, saved and restored.
+        torch.manual_seed(tc.seed)
+        self.model = build_model(self.cfg.model).to(self.device)
+        if self.rank > 0:
+            torch.manual_seed(_dropout_seed(tc.seed, self.rank, 0))
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.model)
+        self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay)
+        self.gen = torch.Generator().manual_seed(tc.seed)
+
+    def _wrap_for_training(self) -> None:
+        """DDP, torch.compile and mixed precision around the plain module."""
+        tc = self.cfg.train
+        # DDP wraps the plain module (its state_dict keys stay unprefixed in checkpoints, and
+        # the EMA reads the same parameters), then torch.compile wraps DDP, as PyTorch
+        # recommends so that gradient all-reduces overlap the compiled backward.
+        self.train_model: nn.Module = self.model
+        self.ddp = None
+        if self.distributed:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.train_model = self.ddp
+        if tc.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
+        self.use_amp = self.amp_dtype is not None and self.device.type == "cuda"
+        if self.amp_dtype is not None and self.device.type != "cuda":
+            dist.print0(f"precision={tc.precision} needs CUDA; training in fp32 on {self.device}")
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+    # ---- restore -------------------------------------------------------------------------
+
+    def find_checkpoint(self, resume: str | None) -> str | Path | None:
+        if resume == "auto":
+            found = list_checkpoints(self.out)
+            # rank 0's choice, so that every rank resumes from the same step even if a listing
+            # of a shared file system lags
+            return dist.broadcast_object(found[-1] if found else None)
+        return resume or None
+
+    def restore(self, ckpt_path: str | Path | None, resume: str | None) -> None:
+        """Load weights, EMA, optimizer, RNG states and counters from a checkpoint, or say
+        that a new run starts; then write the resolved config.json."""
+        if ckpt_path is None:
+            dist.print0(f"starting a new run in {self.out}")
+            broken = incomplete_checkpoints(self.out) if resume == "auto" and dist.is_main() \
+                else []
+            if broken:  # never silently: the user may have expected to resume from these
+                dist.print0(f"ignoring {len(broken)} incomplete checkpoint folder(s) in "
+                            f"{self.out / 'checkpoints'} (e.g. {broken[-1].name}: files are "
+                            "missing)")
+        else:
+            self._restore_from(load_checkpoint(ckpt_path))
+        if dist.is_main():
+            write_json_atomic(self.out / "config.json", self.cfg.to_json())
+
+    def _restore_from(self, ckpt) -> None:
+        tc = self.cfg.train
         try:
-            model.load_state_dict(ckpt.model)
+            self.model.load_state_dict(ckpt.model)
         except RuntimeError as e:
             raise CheckpointError(f"{ckpt.path} does not fit this config's network: "
                                   f"{state_dict_mismatch(e)} (train into a new --out, or pass "
                                   "--resume none to start over here)") from None
         try:
-            ema.load_state_dict(ckpt.ema)
-            optimizer.load_state_dict(optimizer_from_flat(ckpt.trainer_tensors,
-                                                          ckpt.trainer_state["optimizer"]))
-            gen.set_state(ckpt.trainer_tensors["rng.generator"])
+            self.ema.load_state_dict(ckpt.ema)
+            self.optimizer.load_state_dict(optimizer_from_flat(
+                ckpt.trainer_tensors, ckpt.trainer_state["optimizer"]))
+            self.gen.set_state(ckpt.trainer_tensors["rng.generator"])
         except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
             # A damaged or hand-made trainer state must not surface as a raw traceback.
             raise CheckpointError(f"{ckpt.path}: the trainer state (EMA, optimizer, RNG) "
                                   f"cannot be restored: {type(e).__name__}: "
                                   f"{str(e)[:200]}") from None
-        step = ckpt.step
-        key = f"rng.torch.rank{rank}"
+        self.step_count = step = ckpt.step
+        key = f"rng.torch.rank{self.rank}"
         if key in ckpt.trainer_tensors:
             torch.set_rng_state(ckpt.trainer_tensors[key])
         else:  # written by fewer processes: a new, reproducible dropout stream for this rank
-            torch.manual_seed(_dropout_seed(tc.seed, rank, step))
-        timesteps.load_state_dict(ckpt.trainer_tensors)
-        images_seen = int(ckpt.trainer_state.get("images_seen", 0))
-        skipped_total = int(ckpt.trainer_state.get("skipped", 0))
+            torch.manual_seed(_dropout_seed(tc.seed, self.rank, step))
+        self.timesteps.load_state_dict(ckpt.trainer_tensors)
+        self.images_seen = int(ckpt.trainer_state.get("images_seen", 0))
+        self.skipped_total = int(ckpt.trainer_state.get("skipped", 0))
+        self.window.load(ckpt.trainer_state.get("log_window"))
         dist.print0(f"resuming from {ckpt.path} at step {step}")
         old_world = int(ckpt.trainer_state.get("world_size", 1))
-        if old_world != world:
+        if old_world != self.world:
             old_batch = int(ckpt.trainer_state.get("global_batch", 0)) or "?"
             dist.print0(f"the checkpoint was written by {old_world} process(es), this run has "
-                        f"{world}: global batch {old_batch} -> "
-                        f"{tc.batch_size * world * tc.grad_accum}; data order and noise "
-                        "continue from the checkpoint; ranks without a saved dropout RNG state "
-                        "are seeded from (seed, rank, step)")
+                        f"{self.world}: global batch {old_batch} -> {self.global_batch}; data "
+                        "order and noise continue from the checkpoint; ranks without a saved "
+                        "dropout RNG state are seeded from (seed, rank, step)")
         if dist.is_main():
-            _trim_metrics(out / "metrics.csv", step)
-    else:
-        dist.print0(f"starting a new run in {out}")
-        broken = incomplete_checkpoints(out) if resume == "auto" and dist.is_main() else []
-        if broken:  # never silently: the user may have expected to resume from these
-            dist.print0(f"ignoring {len(broken)} incomplete checkpoint folder(s) in "
-                        f"{out / 'checkpoints'} (e.g. {broken[-1].name}: files are missing)")
+            _trim_metrics(self.out / "metrics.csv", step)
+        if ckpt.path.parent.resolve() == (self.out / "checkpoints").resolve():
+            # This step is already on disk: never re-save it at the end (with keep=1, a kill
+            # between the swap's two renames would leave no complete checkpoint at all).
+            self.last_ckpt = ckpt.path
 
-    if dist.is_main():
-        write_json_atomic(out / "config.json", cfg.to_json())
-    n_params = sum(p.numel() for p in model.parameters())
-    dist.print0(f"data: {cfg.data.name} ({len(data)} examples, shape {tuple(data.shape)}, "
-                f"levels {levels}); model: {n_params / 1e6:.2f}M parameters; device: {device}; "
-                f"processes: {world}")
-    if dist.is_main():
-        _check_disk_space(out, model, tc.keep_checkpoints)
+    def announce(self) -> None:
+        cfg, data = self.cfg, self.data
+        n_params = sum(p.numel() for p in self.model.parameters())
+        dist.print0(f"data: {cfg.data.name} ({len(data)} examples, shape {tuple(data.shape)}, "
+                    f"levels {data.levels}); model: {n_params / 1e6:.2f}M parameters; device: "
+                    f"{self.device}; processes: {self.world}")
+        if dist.is_main():
+            _check_disk_space(self.out, self.model, cfg.train.keep_checkpoints)
 
-    # DDP wraps the plain module (its state_dict keys stay unprefixed in checkpoints, and the
-    # EMA reads the same parameters), then torch.compile wraps DDP, as PyTorch recommends so
-    # that gradient all-reduces overlap the compiled backward.
-    train_model: nn.Module = model
-    ddp = None
-    if distributed:
-        ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-        train_model = ddp
-    if tc.compile:
-        train_model = torch.compile(train_model)
+    # ---- one step ------------------------------------------------------------------------
 
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
-    use_amp = amp_dtype is not None and device.type == "cuda"
-    if amp_dtype is not None and device.type != "cuda":
-        dist.print0(f"precision={tc.precision} needs CUDA; training in fp32 on {device}")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The global batch's randomness, identical on every rank: x0, t, weights, noise."""
+        data = self.data
+        idx = self.order.indices(self.images_seen, self.global_batch)
+        t_all, w_all = self.timesteps.sample(self.global_batch, self.gen)
+        noise_all = torch.randn((self.global_batch, *data.shape), generator=self.gen)
+        x0_all = data.x[idx]
+        if self.cfg.data.flip and data.kind == "image":
+            x0_all = random_flip(x0_all, self.gen)
+        return x0_all, t_all, w_all, noise_all
 
-    order = _DataOrder(len(data), tc.seed)
-    micro = tc.batch_size
-    global_batch = micro * world * tc.grad_accum
-    metrics_path = out / "metrics.csv"
-    window: dict[str, list] = {k: [] for k in ("loss", "mse", "vb", "grad_norm")}
-    quartile_sum, quartile_n = torch.zeros(4, dtype=torch.float64), torch.zeros(4)
-    if ckpt_path is not None:
-        # The metric row in progress, so that a resume between two log steps writes the rows
-        # of a straight run (metrics are not worth failing a resume over: bad ones are reset).
-        with contextlib.suppress(KeyError, TypeError, ValueError, RuntimeError):
-            saved = ckpt.trainer_state["log_window"]
-            window = {k: [float(v) for v in saved["window"][k]] for k in window}
-            quartile_sum = torch.tensor(saved["quartile_sum"], dtype=torch.float64).reshape(4)
-            quartile_n = torch.tensor(saved["quartile_n"], dtype=torch.float32).reshape(4)
-    last_ckpt: Path | None = None
-    if ckpt_path is not None and ckpt.path.parent.resolve() == (out / "checkpoints").resolve():
-        # This step is already on disk: never re-save it at the end (with keep=1, a kill
-        # between the swap's two renames would leave no complete checkpoint at all).
-        last_ckpt = ckpt.path
-    last_log_time, last_log_step = time.time(), step
-    final_loss = float("nan")
-    stopped = "max_steps"
+    def _forward_backward(self, x0_all, t_all, w_all, noise_all
+                          ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """Losses and gradients of this rank's micro-batches; returns the per-example losses
+        ([grad_accum * batch_size], this rank's) and the loss terms."""
+        tc, device = self.cfg.train, self.device
+        micro, world = tc.batch_size, self.world
+        step_losses, step_terms = [], {"mse": [], "vb": []}
+        for a in range(tc.grad_accum):
+            lo = (a * world + self.rank) * micro
+            sl = slice(lo, lo + micro)
+            x0 = x0_all[sl].to(device, non_blocking=True)
+            t = t_all[sl].to(device)
+            noise = noise_all[sl].to(device, non_blocking=True)
+            sync = contextlib.nullcontext()
+            if self.ddp is not None and a < tc.grad_accum - 1:
+                sync = self.ddp.no_sync()  # all-reduce once, after the last micro-batch
+            with sync:
+                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                    terms = self.diffusion.training_losses(self.train_model, x0, t, noise,
+                                                           levels=self.data.levels)
+                loss = (terms["loss"] * w_all[sl].to(device)).mean() / tc.grad_accum
+                self.scaler.scale(loss).backward()
+            step_losses.append(terms["loss"].detach())
+            for k in step_terms:
+                if k in terms:
+                    step_terms[k].append(terms[k].detach())
+        return torch.cat(step_losses).float(), step_terms
 
-    bar = None
-    if progress and dist.is_main():
-        from tqdm import tqdm
-        bar = tqdm(total=tc.max_steps or None, initial=step, unit="step", dynamic_ncols=True,
-                   desc="train")
+    def _gather_losses(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's per-example losses in global-batch order, on the CPU."""
+        if not self.distributed:
+            return local.cpu()
+        tc = self.cfg.train
+        gathered = [torch.empty_like(local) for _ in range(self.world)]
+        torch.distributed.all_gather(gathered, local)
+        # rank-major within each accumulation step, as sliced in _forward_backward
+        full = torch.stack(gathered).reshape(self.world, tc.grad_accum, tc.batch_size)
+        return full.transpose(0, 1).reshape(-1).cpu()
 
-    def save(step: int) -> Path:
+    def _term_means(self, step_terms: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """The global batch's mean of each loss term (every rank has as many examples)."""
+        names = [k for k, v in step_terms.items() if v]
+        if not names:
+            return {}
+        means = torch.stack([torch.cat(step_terms[k]).float().mean() for k in names])
+        if self.distributed:
+            torch.distributed.all_reduce(means)
+            means = means / self.world
+        return dict(zip(names, means.tolist(), strict=True))
+
+    def step(self) -> _StepResult:
+        """One optimizer step on the global batch (skipped, and counted, if not finite)."""
+        tc = self.cfg.train
+        lr = _lr_at(self.cfg, self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x0_all, t_all, w_all, noise_all = self._batch()
+        self.optimizer.zero_grad(set_to_none=True)
+        local, step_terms = self._forward_backward(x0_all, t_all, w_all, noise_all)
+        full = self._gather_losses(local)
+        loss_value = float(full.mean())
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+        result = _StepResult(lr, loss_value, grad_norm, full, t_all, {})
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self._skip_step(result, step_terms)
+        else:
+            self.bad_in_a_row = 0
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.ema.update(self.model, ema_decay(
+                self.global_batch, self.images_seen + self.global_batch, tc.ema_half_life,
+                tc.ema_rampup))
+            self.timesteps.update(t_all, full)
+            result.term_means = self._term_means(step_terms)
+        self.images_seen += self.global_batch
+        self.step_count += 1
+        return result
+
+    def _skip_step(self, result: _StepResult, step_terms: dict) -> None:
+        """A non-finite loss or gradient: no update; too many in a row end the run."""
+        self.bad_in_a_row += 1
+        self.skipped_total += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()
+        if self.bad_in_a_row < self.cfg.train.max_bad_steps:
+            return
+        parts = ", ".join(f"{k}={float(torch.cat(v).mean()):.4g}"
+                          for k, v in step_terms.items() if v)
+        # Steps are counted from 1 here, as in checkpoint names (step-N: N done). A skipped
+        # step never changes the weights, so every checkpoint on disk holds finite ones.
+        raise TrainingDiverged(
+            f"{self.bad_in_a_row} consecutive non-finite steps ending at step "
+            f"{self.step_count + 1} (loss={result.loss:.4g}, grad_norm={result.grad_norm:.4g}"
+            f"{', ' if parts else ''}{parts}; {self.skipped_total} skipped in all); the last "
+            f"checkpoint ({self.last_ckpt or 'none written yet'}) is untouched: resume from "
+            "it with a lower --lr, keep --grad-clip on, use --precision fp32 / bf16, or check "
+            "the data for NaN")
+
+    # ---- log, save -----------------------------------------------------------------------
+
+    def record(self, r: _StepResult) -> None:
+        """Add a finished (not skipped) step to the metric row in progress."""
+        w = self.window
+        w.values["loss"].append(r.loss)
+        w.values["grad_norm"].append(r.grad_norm)
+        for k, m in r.term_means.items():
+            w.values[k].append(m)
+        q = (r.t * 4 // self.diffusion.num_timesteps).clamp(max=3)
+        w.quartile_sum.index_add_(0, q, r.per_example.double())
+        w.quartile_n.index_add_(0, q, torch.ones_like(r.per_example))
+
+    def log(self, lr: float) -> None:
+        """One row of metrics.csv (rank 0)."""
+        now = time.time()
+        row = {"step": self.step_count, "images": self.images_seen, "lr": lr,
+               "steps_per_s": (self.step_count - self._last_log_step)
+               / max(now - self._last_log_time, 1e-9),
+               "elapsed_s": now - self.t_start, "skipped": self.skipped_total,
+               **self.window.row()}
+        _append_metrics(self.out / "metrics.csv", row)
+        self._last_log_time, self._last_log_step = now, self.step_count
+
+    def save(self) -> Path:
         """Rank 0 writes; every rank must call it (it gathers each rank's dropout RNG)."""
+        step = self.step_count
         rng_states = dist.all_gather_equal(torch.get_rng_state())
-        path = out / "checkpoints" / f"step-{step:07d}"
+        path = self.out / "checkpoints" / f"step-{step:07d}"
         if dist.is_main():
-            opt_tensors, opt_meta = optimizer_to_flat(optimizer.state_dict())
-            tensors = {**opt_tensors, **timesteps.state_dict(), "rng.generator": gen.get_state()}
+            opt_tensors, opt_meta = optimizer_to_flat(self.optimizer.state_dict())
+            tensors = {**opt_tensors, **self.timesteps.state_dict(),
+                       "rng.generator": self.gen.get_state()}
             for r, state in enumerate(rng_states):
                 tensors[f"rng.torch.rank{r}"] = state
-            state = {"optimizer": opt_meta, "images_seen": images_seen, "skipped": skipped_total,
-                     "world_size": world, "global_batch": global_batch,
-                     "log_window": {"window": window, "quartile_sum": quartile_sum.tolist(),
-                                    "quartile_n": quartile_n.tolist()}}
-            path = save_checkpoint(out, step, model.state_dict(), ema.state_dict(), tensors,
-                                   state, cfg, keep=tc.keep_checkpoints)
+            state = {"optimizer": opt_meta, "images_seen": self.images_seen,
+                     "skipped": self.skipped_total, "world_size": self.world,
+                     "global_batch": self.global_batch, "log_window": self.window.state()}
+            path = save_checkpoint(self.out, step, self.model.state_dict(),
+                                   self.ema.state_dict(), tensors, state, self.cfg,
+                                   keep=self.cfg.train.keep_checkpoints)
         dist.barrier()  # nobody reads or prunes checkpoints while rank 0 writes
         return path
 
-    with _Stop() as stop:
-        while True:
-            if tc.max_steps and step >= tc.max_steps:
-                stopped = "max_steps"
-                break
-            # All ranks must leave at the same step: the clock or a signal can reach them a
-            # step apart, and a rank that runs on would wait forever in DDP's all-reduce.
-            time_up = bool(tc.max_minutes) and time.time() - t_start >= tc.max_minutes * 60
-            signalled = stop.reason is not None
-            if distributed:
-                time_up, signalled = _any_rank(time_up, signalled)
-            if time_up:
-                stopped = "max_minutes"
-                break
-            if signalled:
-                stopped = stop.reason or "signal"
-                break
-            if not tc.max_steps and not tc.max_minutes:
-                raise ConfigError("set max_steps or max_minutes, or training never ends")
+    # ---- the loop ------------------------------------------------------------------------
 
-            lr = _lr_at(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # The global batch's randomness, identical on every rank.
-            idx = order.indices(images_seen, global_batch)
-            t_all, w_all = timesteps.sample(global_batch, gen)
-            noise_all = torch.randn((global_batch, *data.shape), generator=gen)
-            x0_all = data.x[idx]
-            if cfg.data.flip and data.kind == "image":
-                x0_all = random_flip(x0_all, gen)
+    def _should_stop(self, stop: _Stop) -> str | None:
+        """Why the loop ends before the next step, or None. Every rank gets the same answer."""
+        tc = self.cfg.train
+        if tc.max_steps and self.step_count >= tc.max_steps:
+            return "max_steps"
+        # All ranks must leave at the same step: the clock or a signal can reach them a step
+        # apart, and a rank that runs on would wait forever in DDP's all-reduce.
+        time_up = bool(tc.max_minutes) and time.time() - self.t_start >= tc.max_minutes * 60
+        signalled = stop.reason is not None
+        if self.distributed:
+            time_up, signalled = _any_rank(time_up, signalled)
+        if time_up:
+            return "max_minutes"
+        if signalled:
+            return stop.reason or "signal"
+        if not tc.max_steps and not tc.max_minutes:
+            raise ConfigError("set max_steps or max_minutes, or training never ends")
+        return None
 
-            optimizer.zero_grad(set_to_none=True)
-            step_losses, step_terms = [], {"mse": [], "vb": []}
-            for a in range(tc.grad_accum):
-                lo = (a * world + rank) * micro
-                sl = slice(lo, lo + micro)
-                x0 = x0_all[sl].to(device, non_blocking=True)
-                t = t_all[sl].to(device)
-                noise = noise_all[sl].to(device, non_blocking=True)
-                sync = contextlib.nullcontext()
-                if ddp is not None and a < tc.grad_accum - 1:
-                    sync = ddp.no_sync()  # all-reduce once, after the last micro-batch
-                with sync:
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                        terms = diffusion.training_losses(train_model, x0, t, noise, levels=levels)
-                    loss = (terms["loss"] * w_all[sl].to(device)).mean() / tc.grad_accum
-                    scaler.scale(loss).backward()
-                step_losses.append(terms["loss"].detach())
-                for k in step_terms:
-                    if k in terms:
-                        step_terms[k].append(terms[k].detach())
+    def _progress_bar(self, progress: bool):
+        if not (progress and dist.is_main()):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.cfg.train.max_steps or None, initial=self.step_count,
+                    unit="step", dynamic_ncols=True, desc="train")
 
-            local = torch.cat(step_losses).float()
-            if distributed:
-                gathered = [torch.empty_like(local) for _ in range(world)]
-                torch.distributed.all_gather(gathered, local)
-                # rank-major within each accumulation step, as sliced above
-                full = torch.stack(gathered).reshape(world, tc.grad_accum, micro)
-                full = full.transpose(0, 1).reshape(-1).cpu()
-            else:
-                full = local.cpu()
-            loss_value = float(full.mean())
+    def _advance_bar(self, bar, r: _StepResult, final_loss: float) -> None:
+        tc = self.cfg.train
+        if tc.max_minutes:  # the ETA of a run stopped by the clock: steps that fit in it
+            rate = bar.format_dict.get("rate") or 0
+            left = tc.max_minutes * 60 - (time.time() - self.t_start)
+            by_time = self.step_count + int(rate * max(left, 0))
+            total = min(tc.max_steps, by_time) if tc.max_steps else by_time
+            bar.total = max(total, self.step_count)
+        bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{r.lr:.2e}", refresh=False)
+        bar.update(1)
 
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-            grad_norm = float(grad_norm)
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                bad_in_a_row += 1
-                skipped_total += 1
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()
-                if bad_in_a_row >= tc.max_bad_steps:
-                    parts = ", ".join(f"{k}={float(torch.cat(v).mean()):.4g}"
-                                      for k, v in step_terms.items() if v)
-                    # Steps are counted from 1 here, as in checkpoint names (step-N: N done).
-                    # A skipped step never changes the weights, so every checkpoint on disk
-                    # holds finite ones.
-                    raise TrainingDiverged(
-                        f"{bad_in_a_row} consecutive non-finite steps ending at step {step + 1} "
-                        f"(loss={loss_value:.4g}, grad_norm={grad_norm:.4g}{', ' if parts else ''}"
-                        f"{parts}; {skipped_total} skipped in all); the last checkpoint "
-                        f"({last_ckpt or 'none written yet'}) is untouched: resume from it with "
-                        f"a lower --lr, keep --grad-clip on, use --precision fp32 / bf16, or "
-                        f"check the data for NaN")
-            else:
-                bad_in_a_row = 0
-                scaler.step(optimizer)
-                scaler.update()
-                images_seen_after = images_seen + global_batch
-                ema.update(model, ema_decay(global_batch, images_seen_after, tc.ema_half_life,
-                                            tc.ema_rampup))
-                timesteps.update(t_all, full)
-                final_loss = loss_value
-                window["loss"].append(loss_value)
-                window["grad_norm"].append(grad_norm)
-                terms_now = [k for k, v in step_terms.items() if v]
-                if terms_now:  # the global batch's means (every rank has as many examples)
-                    means = torch.stack([torch.cat(step_terms[k]).float().mean()
-                                         for k in terms_now])
-                    if distributed:
-                        torch.distributed.all_reduce(means)
-                        means = means / world
-                    for k, m in zip(terms_now, means.tolist(), strict=True):
-                        window[k].append(m)
-                q = (t_all * 4 // T).clamp(max=3)
-                quartile_sum.index_add_(0, q, full.double())
-                quartile_n.index_add_(0, q, torch.ones_like(full))
-            images_seen += global_batch
-            step += 1
-
+    def run(self, progress: bool) -> TrainResult:
+        tc, cfg = self.cfg.train, self.cfg
+        self._wrap_for_training()
+        self._last_log_time, self._last_log_step = time.time(), self.step_count
+        final_loss = float("nan")
+        bar = self._progress_bar(progress)
+        with _Stop() as stop:
+            while True:
+                stopped = self._should_stop(stop)
+                if stopped:
+                    break
+                r = self.step()
+                if self.bad_in_a_row == 0:
+                    final_loss = r.loss
+                    self.record(r)
+                if bar is not None:
+                    self._advance_bar(bar, r, final_loss)
+                step = self.step_count
+                if step % tc.log_every == 0 and dist.is_main():
+                    self.log(r.lr)
+                if step % tc.checkpoint_every == 0:
+                    self.last_ckpt = self.save()
+                if tc.sample_every and step % tc.sample_every == 0:
+                    write_pictures(cfg, self.model, self.ema, self.diffusion, self.data,
+                                   self.out, step=step)
+                    dist.barrier()  # the others wait here, not in the next step's all-reduce
+            # Still under _Stop: a SIGTERM arriving during this last save must not cut it short.
             if bar is not None:
-                if tc.max_minutes:
-                    rate = bar.format_dict.get("rate") or 0
-                    left = tc.max_minutes * 60 - (time.time() - t_start)
-                    by_time = step + int(rate * max(left, 0))
-                    total = min(tc.max_steps, by_time) if tc.max_steps else by_time
-                    bar.total = max(total, step)
-                bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update(1)
-
-            if step % tc.log_every == 0 and dist.is_main():
-                now = time.time()
-                row = {"step": step, "images": images_seen, "lr": lr,
-                       "steps_per_s": (step - last_log_step) / max(now - last_log_time, 1e-9),
-                       "elapsed_s": now - t_start, "skipped": skipped_total}
-                for k, v in window.items():
-                    row[k] = sum(v) / len(v) if v else ""
-                for i in range(4):
-                    row[f"loss_q{i}"] = (float(quartile_sum[i] / quartile_n[i])
-                                         if quartile_n[i] > 0 else "")
-                _append_metrics(metrics_path, row)
-                window = {k: [] for k in window}
-                quartile_sum.zero_()
-                quartile_n.zero_()
-                last_log_time, last_log_step = now, step
-
-            if step % tc.checkpoint_every == 0:
-                last_ckpt = save(step)
-            if tc.sample_every and step % tc.sample_every == 0:
-                write_pictures(cfg, model, ema, diffusion, data, out, step=step)
-                dist.barrier()  # the others wait here, not in the next step's all-reduce
-
-        # Still under _Stop: a SIGTERM arriving during this last save must not cut it short.
-        if bar is not None:
-            bar.close()
-        if last_ckpt is None or int(last_ckpt.name[5:]) != step:
-            last_ckpt = save(step)
-    elapsed = time.time() - t_start
-    dist.print0(f"stopped ({stopped}) at step {step} after {elapsed / 60:.1f} min; "
-                f"checkpoint: {last_ckpt}")
-    if stopped != "signal":
-        write_pictures(cfg, model, ema, diffusion, data, out, step=None)
-    dist.barrier()
-    return TrainResult(out, step, last_ckpt, stopped, final_loss, elapsed)
+                bar.close()
+            if self.last_ckpt is None or int(self.last_ckpt.name[5:]) != self.step_count:
+                self.last_ckpt = self.save()
+        elapsed = time.time() - self.t_start
+        dist.print0(f"stopped ({stopped}) at step {self.step_count} after {elapsed / 60:.1f} "
+                    f"min; checkpoint: {self.last_ckpt}")
+        if stopped != "signal":
+            write_pictures(cfg, self.model, self.ema, self.diffusion, self.data, self.out,
+                           step=None)
+        dist.barrier()
+        return TrainResult(self.out, self.step_count, self.last_ckpt, stopped, final_loss,
+                           elapsed)
 
 
 def write_pictures(cfg: RunConfig, model: nn.Module, ema: EMA, diffusion: GaussianDiffusion,
