@@ -2,6 +2,7 @@
 
 from .diffusion import GaussianDiffusion, PMeanVariance
 from .errors import CheckpointError, ConfigError, DataError, DdpmkitError
+from .load import LoadedRun, load
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import build_model, build_unet
 from .sampling import ddim_invert, sample, space_timesteps
@@ -18,6 +19,8 @@ __all__ = [
     "ddim_invert",
     "build_unet",
     "build_model",
+    "load",
+    "LoadedRun",
     "betas_from_alpha_bar",
     "normal_kl",
     "discretized_gaussian_log_likelihood",

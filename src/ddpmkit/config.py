@@ -23,7 +23,7 @@ from .errors import ConfigError
 
 CONFIG_VERSION = 1
 
-SCHEDULES = ("linear", "cosine", "sigmoid")
+SCHEDULES = ("linear", "cosine", "sigmoid", "custom")
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 LOSSES = ("simple", "vlb", "hybrid")
@@ -129,8 +129,12 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DiffusionConfig:
     schedule: str = field(default="linear", metadata=_help("beta schedule: linear | cosine | "
-                                                           "sigmoid"))
+                                                           "sigmoid | custom (betas listed)"))
     timesteps: int = field(default=1000, metadata=_help("number of diffusion steps T"))
+    # The schedule itself for schedule='custom': set when a diffusers scheduler's betas
+    # (scaled_linear, trained_betas, other endpoints) match no named schedule.
+    betas: tuple[float, ...] = field(default=(), metadata=_help(
+        "beta_1..beta_T for schedule='custom'", cli=False))
     prediction: str = field(default="eps", metadata=_help("network target: eps | x0 | v"))
     variance: str = field(default="fixed_small", metadata=_help(
         "reverse variance: fixed_small | fixed_large | learned_range"))
@@ -142,6 +146,16 @@ class DiffusionConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         if not isinstance(self.timesteps, int) or self.timesteps < 1:
             raise ConfigError(f"timesteps={_show(self.timesteps)} must be an integer >= 1")
+        if self.schedule == "custom":
+            if len(self.betas) != self.timesteps:
+                raise ConfigError(f"schedule='custom' needs betas with timesteps="
+                                  f"{self.timesteps} entries, got {len(self.betas)}")
+            bad = [i for i, b in enumerate(self.betas) if not 0.0 < b < 1.0]
+            if bad:
+                raise ConfigError(f"betas[{bad[0]}]={_show(self.betas[bad[0]])} must lie in (0, 1)")
+        elif self.betas:
+            raise ConfigError(f"betas are only read with schedule='custom' (schedule="
+                              f"{_show(self.schedule)})")
         _choice("prediction", self.prediction, PREDICTIONS)
         _choice("variance", self.variance, VARIANCES)
         _choice("loss", self.loss, LOSSES)
@@ -376,8 +390,9 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
         elif isinstance(value, int) and not isinstance(value, bool):
             items = [value]
         else:
-            raise ConfigError(f"{name}={_show(value)} must be a list of integers")
-        return tuple(coerce(name, v, int) for v in items)
+            raise ConfigError(f"{name}={_show(value)} must be a list of numbers")
+        item_type = (typing.get_args(tp) or (int,))[0]
+        return tuple(coerce(name, v, item_type) for v in items)
     if origin in (typing.Union, types.UnionType):  # pragma: no cover - not used yet
         return value
     raise ConfigError(f"{name}: unsupported type {tp}")  # pragma: no cover

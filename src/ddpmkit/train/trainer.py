@@ -31,9 +31,15 @@ from ..config import RunConfig
 from ..data import Dataset, load_data, random_flip
 from ..diffusion import GaussianDiffusion
 from ..errors import CheckpointError, ConfigError, DdpmkitError
+from ..load import (  # noqa: F401  LoadedRun and load_for_inference moved to ddpmkit.load
+    LoadedRun,
+    build_diffusion,
+    clip_denoised_for,
+    load_for_inference,
+    state_dict_mismatch,
+)
 from ..nn import build_model
 from ..runtime import tune_allocator
-from ..schedules import make_betas
 from .checkpoint import (
     incomplete_checkpoints,
     list_checkpoints,
@@ -64,17 +70,7 @@ class TrainResult:
     elapsed_s: float
 
 
-# ---- building blocks shared with sample / eval --------------------------------------------
-
-def build_diffusion(cfg: RunConfig) -> GaussianDiffusion:
-    d = cfg.diffusion
-    try:
-        betas = make_betas(d.schedule, d.timesteps)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return GaussianDiffusion(betas, prediction=d.prediction, variance=d.variance, loss=d.loss,
-                             hybrid_lambda=d.hybrid_lambda)
-
+# ---- building blocks --------------------------------------------------------------------------
 
 def resolve_config(cfg: RunConfig, data: Dataset) -> RunConfig:
     """Fill the network's input/output shape from the data and the variance type."""
@@ -95,59 +91,6 @@ def resolve_config(cfg: RunConfig, data: Dataset) -> RunConfig:
         raise ConfigError(f"batch_size={cfg.train.batch_size} is larger than the data set "
                           f"({len(data)} examples)")
     return cfg.replace(model=model)
-
-
-@dataclass
-class LoadedRun:
-    """A trained network ready for sampling or evaluation."""
-
-    path: Path
-    config: RunConfig
-    model: nn.Module
-    diffusion: GaussianDiffusion
-    device: torch.device
-    step: int
-
-    @property
-    def kind(self) -> str:
-        return "points" if self.config.model.arch == "mlp" else "image"
-
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        m = self.config.model
-        if self.kind == "points":
-            return (m.in_channels,)
-        return (m.in_channels, m.image_size, m.image_size)
-
-
-def load_for_inference(path: str | Path, device: str = "auto", use_ema: bool = True) -> LoadedRun:
-    """Load a checkpoint (or a run folder's newest) into an eval-mode network."""
-    ckpt = load_checkpoint(path, with_trainer=False)
-    dev = dist.resolve_device(device)
-    try:
-        model = build_model(ckpt.config.model)
-    except ConfigError as e:  # a config.json edited by hand, or from another version
-        raise CheckpointError(f"{ckpt.path / 'config.json'}: {e}") from None
-    try:
-        model.load_state_dict(ckpt.ema if use_ema else ckpt.model)
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt.path}: the weights do not fit the network in its "
-                              f"config.json: {state_dict_mismatch(e)}") from None
-    model.to(dev).eval()
-    return LoadedRun(ckpt.path, ckpt.config, model, build_diffusion(ckpt.config), dev,
-                     ckpt.step)
-
-
-def state_dict_mismatch(e: RuntimeError) -> str:
-    """The telling line of a load_state_dict error (its first line only names the class)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def clip_denoised_for(data_kind: str) -> bool:
-    """x0 clipping to [-1, 1] is right for images, wrong for unbounded 2-D points."""
-    return data_kind == "image"
 
 
 class _Stop:
