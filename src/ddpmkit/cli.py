@@ -1,4 +1,4 @@
-"""The ``ddpmkit`` command: train | sample | eval | show | encode | config.
+"""The ``ddpmkit`` command: train | sample | eval | show | encode | export | config.
 
 Flags come from the config dataclasses (config.py), so a flag, a config-file key and a field
 of the saved ``config.json`` are always the same thing. Errors that the user can fix print one
@@ -35,6 +35,19 @@ Ctrl-C aborts at once, status 130); the same command then resumes from it.
 presets for --config: """ + ", ".join(C.RUN_PRESETS)
 
 
+CHECKPOINT_HELP = ("a ddpmkit run or checkpoint folder, or a diffusers folder (DDPMPipeline, "
+                   "or a UNet2DModel config.json + weights)")
+
+
+EPILOG_EXPORT = """examples:
+  ddpmkit export --checkpoint runs/digits --out digits-diffusers
+  ddpmkit sample --checkpoint digits-diffusers --out samples.png   # and back into ddpmkit
+in Python, with diffusers installed:
+  pipe = DDPMPipeline.from_pretrained("digits-diffusers")
+  images = pipe(num_inference_steps=pipe.scheduler.config.num_train_timesteps).images
+"""
+
+
 def _int_at_least(low: int):
     """An argparse type: an integer >= ``low`` (a bad count is a usage error, not a crash)."""
     def parse(text: str) -> int:
@@ -67,6 +80,16 @@ def _output_file(path: str, suffixes: tuple[str, ...]) -> Path:
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name")
     return out
+
+
+def _data_config(run, name: str | None) -> C.DataConfig:
+    """The run's data set, or ``--data`` instead (resized to the run's image size)."""
+    if name:
+        return C.section_from_dict(C.DataConfig, {"name": name}, base=run.config.data)
+    if not run.config.data.name:
+        raise ConfigError(f"{run.path} is a {run.source} model and names no data set: pass "
+                          "--data (an image folder or a .npy/.npz array)")
+    return run.config.data
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -132,11 +155,11 @@ def cmd_sample(args) -> int:
 
     from . import dist, viz
     from .data import to_uint8
+    from .load import clip_denoised_for, load
     from .sampling import sample
-    from .train.trainer import clip_denoised_for, load_for_inference
 
     _output_file(args.out, (".png", ".npz"))
-    run = load_for_inference(args.checkpoint, device=args.device, use_ema=not args.raw_weights)
+    run = load(args.checkpoint, device=args.device, use_ema=not args.raw_weights)
     sc = C.section_from_dict(C.SampleConfig, C.flags_to_dict(args, C.SampleConfig),
                              base=run.config.sample)
     dist.init_process_group(run.device)
@@ -213,10 +236,14 @@ def cmd_eval(args) -> int:
     from . import dist
     from .data import load_data
     from .evaluate import evaluate_bpd
-    from .train.trainer import clip_denoised_for, load_for_inference
+    from .load import clip_denoised_for, load
 
-    run = load_for_inference(args.checkpoint, device=args.device)
-    data = load_data(run.config.data, args.split)
+    run = load(args.checkpoint, device=args.device)
+    data_cfg = _data_config(run, args.data)
+    data = load_data(data_cfg, args.split)
+    if data.kind != run.kind or (data.kind == "image" and data.shape != run.data_shape):
+        raise ConfigError(f"data {data_cfg.name!r} of shape {data.shape} does not fit this "
+                          f"model ({run.data_shape})")
     levels = data.levels
     if args.levels is not None:
         if levels is not None and args.levels != levels and not args.force:
@@ -230,14 +257,14 @@ def cmd_eval(args) -> int:
                        seed=args.seed, clip_denoised=clip_denoised_for(data.kind),
                        progress=not args.no_progress, device=run.device)
     res.update(checkpoint=str(run.path), split=args.split, levels=levels,
-               data=run.config.data.name)
+               data=data_cfg.name)
     if not dist.is_main():
         return 0
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k not in ("per_example",)}))
     else:
         unit = "bits/dim" if levels is not None else "bits/dim (continuous density)"
-        print(f"{run.config.data.name} {args.split}: {res['n']} examples, T = {res['timesteps']}")
+        print(f"{data_cfg.name} {args.split}: {res['n']} examples, T = {res['timesteps']}")
         print(f"  negative log-likelihood bound  {res['bits_per_dim']:.4f} "
               f"± {res['stderr']:.4f} {unit}")
         print(f"    L_T  (prior)                 {_term(res['prior'])}")
@@ -255,31 +282,46 @@ def _term(value: float) -> str:
 # ---- show ------------------------------------------------------------------------------------
 
 def cmd_show(args) -> int:
-    import torch
-
-    from . import viz
     from .data import load_data
-    from .train.trainer import build_diffusion, clip_denoised_for, load_for_inference
+    from .load import build_diffusion, load
 
     out = Path(args.out)
     _make_folder(out, "--out")
-    written = []
-    n_cols = args.frames
+    written: list[Path] = []
     if args.checkpoint:
-        run = load_for_inference(args.checkpoint, device=args.device)
-        cfg, diffusion = run.config, run.diffusion
+        run = load(args.checkpoint, device=args.device)
+        diffusion = run.diffusion
+        # A diffusers model names no data set: without --data only the reverse process.
+        data_cfg = _data_config(run, args.data) if args.data or run.config.data.name else None
     else:
         cfg = C.RUN_PRESETS[C.default_preset_for(args.data or "digits")]
+        data_cfg = cfg.data
         if args.data:
-            cfg = cfg.replace(data=C.section_from_dict(C.DataConfig, {"name": args.data},
-                                                       base=cfg.data))
+            data_cfg = C.section_from_dict(C.DataConfig, {"name": args.data}, base=cfg.data)
         diffusion = build_diffusion(cfg)
         run = None
-    data = load_data(cfg.data, "test")
+    if data_cfg is not None:
+        _show_forward(diffusion, load_data(data_cfg, "test"), args, out, written)
+    else:
+        print("no data set for forward.png (the model names none): pass --data to draw it")
+    if run is not None:
+        _show_reverse(run, args, out, written)
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+
+
+def _show_forward(diffusion, data, args, out: Path, written: list) -> None:
+    """forward.png/.gif: data images noised by iterated single steps q(x_t | x_{t-1})."""
+    import torch
+
+    from . import viz
+
     if data.kind != "image":
         raise ConfigError("show draws image strips; 2-D data sets have scatter plots from train")
+    n_cols = args.frames
     T = diffusion.num_timesteps
-    # Forward: one image noised by iterated single steps q(x_t | x_{t-1}), at n_cols times.
+    # One image per row, noised step by step, shown at n_cols times.
     g = torch.Generator().manual_seed(args.seed)
     x = data.x[:args.num].double()
     keep = sorted({round(i * (T - 1) / (n_cols - 1)) for i in range(n_cols)})
@@ -294,29 +336,35 @@ def cmd_show(args) -> int:
     labels = ["x_0"] + [f"t={i + 1}" for i in keep[1:]]
     written.append(viz.save_strip(frames, out / "forward.png", labels=labels))
     written.append(viz.save_gif(gif_frames, out / "forward.gif"))
-    if run is not None:
-        from .sampling import sample
-        snaps: dict[int, torch.Tensor] = {}
-        gif: list[torch.Tensor] = []
 
-        def grab(i, n, xt, pred_x0):
-            if i in marks:
-                snaps[i] = xt.float().clamp(-1, 1).cpu()
-            if i % max(1, n // 60) == 0 or i == n - 1:
-                gif.append(xt.float().clamp(-1, 1).cpu())
 
-        marks = {round(k * (T - 1) / (n_cols - 1)) for k in range(n_cols)}
-        sample(run.model, diffusion, (args.num, *run.data_shape), method="ancestral",
-               clip_denoised=clip_denoised_for(run.kind), seeds=range(args.seed,
-                                                                      args.seed + args.num),
-               device=run.device, callback=grab)
-        order = sorted(snaps)
-        written.append(viz.save_strip([snaps[i] for i in order], out / "reverse.png",
-                                      labels=[f"t={T - i - 1}" for i in order]))
-        written.append(viz.save_gif(gif, out / "reverse.gif"))
-    for p in written:
-        print(f"wrote {p}")
-    return 0
+def _show_reverse(run, args, out: Path, written: list) -> None:
+    """reverse.png/.gif: samples denoised from pure noise by the ancestral sampler."""
+    import torch
+
+    from . import viz
+    from .load import clip_denoised_for
+    from .sampling import sample
+
+    n_cols, diffusion = args.frames, run.diffusion
+    T = diffusion.num_timesteps
+    snaps: dict[int, torch.Tensor] = {}
+    gif: list[torch.Tensor] = []
+
+    def grab(i, n, xt, pred_x0):
+        if i in marks:
+            snaps[i] = xt.float().clamp(-1, 1).cpu()
+        if i % max(1, n // 60) == 0 or i == n - 1:
+            gif.append(xt.float().clamp(-1, 1).cpu())
+
+    marks = {round(k * (T - 1) / (n_cols - 1)) for k in range(n_cols)}
+    sample(run.model, diffusion, (args.num, *run.data_shape), method="ancestral",
+           clip_denoised=clip_denoised_for(run.kind) and run.config.sample.clip_denoised,
+           seeds=range(args.seed, args.seed + args.num), device=run.device, callback=grab)
+    order = sorted(snaps)
+    written.append(viz.save_strip([snaps[i] for i in order], out / "reverse.png",
+                                  labels=[f"t={T - i - 1}" for i in order]))
+    written.append(viz.save_gif(gif, out / "reverse.gif"))
 
 
 # ---- encode ----------------------------------------------------------------------------------
@@ -326,17 +374,14 @@ def cmd_encode(args) -> int:
 
     from . import viz
     from .data import load_data
+    from .load import clip_denoised_for, load
     from .sampling import ddim_reconstruct
-    from .train.trainer import clip_denoised_for, load_for_inference
 
     _make_folder(Path(args.out).parent, f"--out {args.out}")  # before the work, not after
-    run = load_for_inference(args.checkpoint, device=args.device)
+    run = load(args.checkpoint, device=args.device)
     if run.kind != "image":
         raise ConfigError("encode works on image models")
-    data_cfg = run.config.data
-    if args.data:
-        data_cfg = C.section_from_dict(C.DataConfig, {"name": args.data}, base=data_cfg)
-    x0 = load_data(data_cfg, args.split).x[:args.num].to(run.device)
+    x0 = load_data(_data_config(run, args.data), args.split).x[:args.num].to(run.device)
     if tuple(x0.shape[1:]) != run.data_shape:
         raise ConfigError(f"images of shape {tuple(x0.shape[1:])} do not fit this model "
                           f"({run.data_shape})")
@@ -357,6 +402,26 @@ def cmd_encode(args) -> int:
                        labels=["x_0", "x_T", "recon"])
     print(f"wrote {out}")
     return 0 if torch.isfinite(x_T).all() else 1
+
+
+# ---- export ----------------------------------------------------------------------------------
+
+def cmd_export(args) -> int:
+    from .interop import check_export_target, export_pipeline
+    from .load import load
+
+    out = check_export_target(args.out, args.checkpoint, force=args.force)
+    run = load(args.checkpoint, device="cpu", use_ema=not args.no_ema)
+    if run.kind != "image":
+        raise ConfigError(f"{run.path} is a 2-D point model (an MLP); diffusers' pipelines "
+                          "hold image U-Nets only")
+    export_pipeline(out, run.config.model, run.model.state_dict(), run.diffusion,
+                    clip_sample=run.config.sample.clip_denoised)
+    weights = "raw" if args.no_ema else "EMA"
+    where = f"step {run.step}" if run.step is not None else run.source
+    print(f"wrote {out} (DDPMPipeline, {weights} weights of {run.path}, {where}); load it with "
+          f"DDPMPipeline.from_pretrained({str(out)!r})")
+    return 0
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -397,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw samples from a trained model",
                        description="Draw samples from a checkpoint (EMA weights) into a PNG grid "
                        "or an .npz of uint8 [N, H, W, C] under 'arr_0'.", formatter_class=fmt)
-    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--out", default="samples.png", help="F.png or F.npz (default: samples.png)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--raw-weights", action="store_true", help="use the raw, not the EMA weights")
@@ -409,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="bits/dim of a data split under the full bound",
                        description="Negative log-likelihood bound (L_T + sum L_(t-1) + L_0) in "
                        "bits per dimension, every term evaluated.", formatter_class=fmt)
-    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--data", help="data to evaluate on (default: the run's; needed for a "
+                   "diffusers model): an image folder, a .npy/.npz array or a built-in set")
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--levels", type=_int_at_least(2),
@@ -429,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write forward.png/.gif (a data image noised step by step) "
                        "and, with --checkpoint, reverse.png/.gif (a sample denoised from pure "
                        "noise).", formatter_class=fmt)
-    p.add_argument("--checkpoint", help="a run folder, for the reverse process")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP + ", for the reverse process")
     p.add_argument("--data", help="data set for the forward process (default: "
                    "the checkpoint's, else digits)")
     p.add_argument("--out", default="show", help="output folder (default: show)")
@@ -446,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode data images to noise with deterministic DDIM (eta = "
                        "0), decode them back, and report the reconstruction error.",
                        formatter_class=fmt)
-    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data", help="images to encode (default: the run's data set)")
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--num", type=_int_at_least(1), default=16, help="images (default: 16)")
@@ -457,6 +524,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     _add_common(p)
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("export", help="write a model as a diffusers DDPMPipeline folder",
+                       description="Write a checkpoint as a diffusers DDPMPipeline folder "
+                       "(model_index.json, unet/ with safetensors weights, scheduler/), which "
+                       "DDPMPipeline.from_pretrained(OUT) loads. The scheduler gets the run's "
+                       "betas (a named schedule where one matches, else trained_betas), "
+                       "prediction and variance type. 2-D point models cannot be exported.",
+                       epilog=EPILOG_EXPORT, formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--format", default="diffusers", choices=("diffusers",),
+                   help="output format (default: diffusers)")
+    p.add_argument("--out", required=True, help="output folder; it may not overlap the "
+                   "checkpoint, and must be new or empty unless --force")
+    p.add_argument("--no-ema", action="store_true", help="export the raw, not the EMA weights")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it holds an earlier export (never other files)")
+    _add_common(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("config", help="print a preset as TOML, to start a config file from")
     p.add_argument("preset", choices=list(C.RUN_PRESETS))
