@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ddpmkit import sample, viz
-from ddpmkit.train.trainer import clip_denoised_for, load_for_inference
+from ddpmkit.load import clip_denoised_for, load
 
 DEFAULT_SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++3m", "heun")
 DEFAULT_CALLS = (5, 10, 20, 50, 100, 250, 1000)
@@ -47,7 +47,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    run = load_for_inference(args.checkpoint, device="cpu")
+    run = load(args.checkpoint, device="cpu")
     points = run.kind == "points"
     name = run.config.data.name
     if points:

@@ -61,3 +61,20 @@ def test_eval_prints_tiny_bound_terms_with_significant_digits():
     assert _term(1.2e-19) == "1.2e-19"  # L_0 of 17-level digits: small, not zero
     assert _term(0.0) == "0.0000"
     assert _term(0.0012) == "0.0012"
+
+
+def test_custom_schedule_roundtrips_and_is_checked(tmp_path):
+    betas = (1e-4, 0.25, 0.999)
+    cfg = C.RunConfig.from_dict({"diffusion": {"schedule": "custom", "timesteps": 3,
+                                               "betas": list(betas)}})
+    assert cfg.diffusion.betas == betas
+    path = tmp_path / "c.toml"
+    path.write_text(C.to_toml(cfg))
+    assert C.RunConfig.load(path) == cfg == C.RunConfig.from_json(cfg.to_json())
+    for d, match in [({"schedule": "custom", "timesteps": 2, "betas": list(betas)}, "3"),
+                     ({"schedule": "custom", "timesteps": 3, "betas": [0.1, 1.0, 0.2]},
+                      r"betas\[1\]=1.0"),
+                     ({"schedule": "linear", "betas": [0.1]}, "schedule='custom'"),
+                     ({"schedule": "custom", "timesteps": 1, "betas": ["x"]}, "number")]:
+        with pytest.raises(ConfigError, match=match):
+            C.RunConfig.from_dict({"diffusion": d})

@@ -80,9 +80,9 @@ def looks_like_hub_id(text: str) -> bool:
 def hub_id_error(text: str) -> CheckpointError:
     local = text.split("/")[-1]
     return CheckpointError(
-        f"{text!r} looks like a Hugging Face Hub id, and ddpmkit never downloads: fetch it "
-        f"first (e.g. `huggingface-cli download {text} --local-dir {local}`) and pass the "
-        f"folder ({local})")
+        f"{text} does not exist here; if it is a Hugging Face Hub id, download it first "
+        f"(ddpmkit never downloads), e.g. `huggingface-cli download {text} --local-dir "
+        f"{local}`, and pass that folder ({local})")
 
 
 def _weights_in(folder: Path) -> Path:

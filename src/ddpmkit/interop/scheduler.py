@@ -39,6 +39,9 @@ _DEFAULTS: dict[str, Any] = {  # DDPMScheduler.__init__'s defaults (diffusers 0.
 # Fields that only steer diffusers' own inference loop (or are long gone): accepted, unused.
 _INFERENCE_ONLY = {"timestep_spacing", "steps_offset", "set_alpha_to_one", "tensor_format",
                    "dynamic_thresholding_ratio", "sample_max_value"}
+# The _log forms name the same variances (stored as logs). diffusers 0.42's own step() takes
+# the square root of log(beta_t) for fixed_large_log, which is NaN; GLIDE's "max_log" means
+# beta_t, which is what is read here.
 _VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
               "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
               "learned_range": "learned_range"}
