@@ -392,6 +392,15 @@ def test_eval_and_sample_of_an_imported_model(tmp_path, capsys, tiny_npy):
     assert main(["sample", "--checkpoint", str(pipe), "--num", "3", "--steps", "5", "--out",
                  str(out), "--no-progress"]) == 0
     assert np.load(out)["arr_0"].shape == (3, 8, 8, 1)
+    # show: the reverse process only, unless --data gives images for the forward one
+    assert main(["show", "--checkpoint", str(pipe), "--num", "2", "--frames", "3", "--out",
+                 str(tmp_path / "show")]) == 0
+    assert "pass --data" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "show").iterdir()) == ["reverse.gif",
+                                                                     "reverse.png"]
+    assert main(["encode", "--checkpoint", str(pipe), "--data", str(tiny_npy), "--num", "2",
+                 "--steps", "5", "--out", str(tmp_path / "codes.npz")]) == 0
+    assert np.load(tmp_path / "codes.npz")["x_T"].shape == (2, 1, 8, 8)
 
 
 def test_inference_commands_never_import_the_trainer(tmp_path):
