@@ -196,6 +196,11 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("random seed"))
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N"))
     compile: bool = field(default=False, metadata=_help("torch.compile the network"))
+    channels_last: str = field(default="auto", metadata=_help(
+        "channels_last weights: auto (on for CUDA, off on the CPU) | on | off"))
+    tf32: bool = field(default=True, metadata=_help(
+        "TF32 matmuls and convolutions on Ampere+ GPUs (PyTorch's default for convolutions; "
+        "no effect on the CPU)"))
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "lr", "grad_accum", "checkpoint_every", "keep_checkpoints",
@@ -207,6 +212,7 @@ class TrainConfig:
         _choice("lr_decay", self.lr_decay, ("none", "cosine"))
         _choice("precision", self.precision, PRECISIONS)
         _choice("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
+        _choice("channels_last", self.channels_last, ("auto", "on", "off"))
 
 
 @dataclass(frozen=True)

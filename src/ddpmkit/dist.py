@@ -41,8 +41,17 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> this process's GPU when CUDA is present, else the CPU; or an explicit name."""
+    """'auto' -> this process's GPU when CUDA is present, else the CPU; or an explicit name.
+
+    Under torchrun, 'auto' and 'cuda' mean GPU ``LOCAL_RANK`` (one GPU per process). 'cuda:N'
+    is honoured only with one process per machine: with several, it would put them all on
+    GPU N (NCCL refuses that); CUDA_VISIBLE_DEVICES picks which GPUs they share out.
+    """
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank() % torch.cuda.device_count())
@@ -52,8 +61,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise ConfigError(f"device={name!r} is not a device name (auto, cpu, cuda, cuda:N)") \
             from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available on this machine")
+    count = torch.cuda.device_count()
+    if device.index is None:
+        return torch.device("cuda", local_rank() % count)
+    if local_world_size() > 1:
+        raise ConfigError(f"device={name!r} would put all {local_world_size()} processes of "
+                          "this machine on one GPU: use --device cuda (or auto) to give each "
+                          "process GPU LOCAL_RANK, and CUDA_VISIBLE_DEVICES to choose the GPUs")
+    if device.index >= count:
+        raise ConfigError(f"device={name!r} but this machine has {count} GPU(s) "
+                          f"(cuda:0 .. cuda:{count - 1})")
     return device
 
 
@@ -71,7 +92,28 @@ def init_process_group(device: torch.device, timeout: timedelta = TIMEOUT) -> bo
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch_dist.init_process_group(backend=backend, timeout=timeout)
+        global _control
+        _control = None
+        if backend == "nccl":  # every rank creates it, in the same order
+            _control = torch_dist.new_group(backend="gloo", timeout=timeout)
     return True
+
+
+# A gloo group beside NCCL for small host-side agreements (stop flags): a CPU all-reduce does
+# not wait for the GPU to finish its queued work, where an NCCL one read back on the host does.
+_control = None
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag OR-ed over all ranks (one small CPU all-reduce; the flags as given in one
+    process)."""
+    if not is_distributed():
+        return [bool(f) for f in flags]
+    group = _control
+    device = torch.device("cpu") if group is not None else comm_device()
+    t = torch.tensor([float(f) for f in flags], device=device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in t.tolist()]
 
 
 def is_distributed() -> bool:

@@ -22,7 +22,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["tune_allocator", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["tune_allocator", "set_tf32", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -63,3 +63,18 @@ def tune_allocator() -> bool:
     ok = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
     _done = ok
     return ok
+
+
+def set_tf32(enabled: bool = True) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions on Ampere+ GPUs, both on or both off.
+
+    PyTorch's defaults differ: cuDNN convolutions use TF32, matmuls (attention, linear
+    layers) do not. ddpmkit's train, sample and eval (and benchmarks/speed.py) call this with
+    one setting, default on (``--tf32 false`` for full float32): TF32 keeps float32's range
+    with a 10-bit mantissa, which the diffusion loss tolerates as it does bf16 autocast. No
+    effect on the CPU.
+    """
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)

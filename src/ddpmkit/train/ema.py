@@ -30,13 +30,18 @@ class EMA:
             if v.dtype.is_floating_point}
 
     @torch.no_grad()
-    def update(self, model: nn.Module, decay: float) -> None:
-        """shadow <- decay * shadow + (1 - decay) * current."""
+    def update(self, model: nn.Module, decay: float, where: torch.Tensor | None = None) -> None:
+        """shadow <- decay * shadow + (1 - decay) * current; unchanged where ``where`` (a bool
+        tensor) is false, decided on the device (no host sync)."""
         current = model.state_dict()
         names = list(self.shadow)
         targets = [self.shadow[k] for k in names]
         sources = [current[k].detach().float() for k in names]
-        torch._foreach_lerp_(targets, sources, 1.0 - decay)
+        if where is None:
+            torch._foreach_lerp_(targets, sources, 1.0 - decay)
+            return
+        weight = torch.where(where, 1.0 - decay, 0.0).to(targets[0].device, torch.float32)
+        torch._foreach_lerp_(targets, sources, [weight] * len(targets))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -17,47 +17,81 @@ UNIFORM_MIX = 0.001  # keeps every p_t > 0, so the estimator stays unbiased
 
 
 class TimestepSampler:
-    """Draws (t, weight) for a batch; ``update`` feeds back per-example losses."""
+    """Draws (t, weight) for a batch; ``update`` feeds back per-example losses.
 
-    def __init__(self, num_timesteps: int, kind: str = "uniform"):
+    The loss history lives on the training device and is updated there, without a host sync:
+    each step's last ``HISTORY`` losses form a ring, written at ``counts % HISTORY``.
+    """
+
+    def __init__(self, num_timesteps: int, kind: str = "uniform",
+                 device: torch.device | str = "cpu"):
         if kind not in ("uniform", "loss_aware"):
             raise ValueError(f"timestep sampler {kind!r}; choose uniform or loss_aware")
         self.T = num_timesteps
         self.kind = kind
-        self.history = torch.zeros(num_timesteps, HISTORY, dtype=torch.float64)
-        self.counts = torch.zeros(num_timesteps, dtype=torch.int64)
+        # one extra scratch row: writes that must not land anywhere go there
+        self._ring = torch.zeros(num_timesteps + 1, HISTORY, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_timesteps, dtype=torch.int64, device=device)
+
+    @property
+    def history(self) -> torch.Tensor:
+        """Loss history [T, HISTORY] (ring order: slot ``counts % HISTORY`` is the oldest)."""
+        return self._ring[:self.T]
 
     def probabilities(self) -> torch.Tensor:
         """p_t [T], float64; uniform until every step has a full loss history."""
-        if self.kind == "uniform" or bool((self.counts < HISTORY).any()):
-            return torch.full((self.T,), 1.0 / self.T, dtype=torch.float64)
+        uniform = torch.full((self.T,), 1.0 / self.T, dtype=torch.float64,
+                             device=self.counts.device)
+        if self.kind == "uniform":
+            return uniform
         w = self.history.pow(2).mean(dim=1).sqrt()
-        p = w / w.sum()
-        return p * (1 - UNIFORM_MIX) + UNIFORM_MIX / self.T
+        p = w / w.sum().clamp_min(1e-300)
+        p = p * (1 - UNIFORM_MIX) + UNIFORM_MIX / self.T
+        return torch.where((self.counts >= HISTORY).all(), p, uniform)
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """t int64 [n] and importance weights 1 / (T p_t) float32 [n]."""
+        """t int64 [n] and importance weights 1 / (T p_t) float32 [n], from ``generator``."""
+        u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64)
+        return self.from_uniform(u)
+
+    def from_uniform(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t int64 [n] and weights float32 [n] from uniforms u in [0, 1) (inverse CDF)."""
+        u = u.to(device=self.counts.device, dtype=torch.float64)
         if self.kind == "uniform":
-            t = torch.randint(0, self.T, (n,), generator=generator)
-            return t, torch.ones(n)
+            t = (u * self.T).long().clamp_(0, self.T - 1)
+            return t, torch.ones(u.shape, device=u.device)
         p = self.probabilities()
-        t = torch.multinomial(p, n, replacement=True, generator=generator)
+        cdf = p.cumsum(0)
+        t = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=self.T - 1)
         return t, (1.0 / (self.T * p[t])).float()
 
-    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        """Record per-example losses (unweighted) at their steps; the oldest drop out."""
+    def update(self, t: torch.Tensor, losses: torch.Tensor,
+               ok: torch.Tensor | None = None) -> None:
+        """Record per-example losses (unweighted) at their steps; the oldest drop out.
+
+        ``ok`` (a bool tensor) false: record nothing (a skipped step). Within one batch, equal
+        steps are recorded in batch order, so only the last HISTORY of them stay.
+        """
         if self.kind == "uniform":
             return
-        for ti, li in zip(t.tolist(), losses.detach().double().cpu().tolist(), strict=True):
-            if self.counts[ti] < HISTORY:
-                self.history[ti, self.counts[ti]] = li
-                self.counts[ti] += 1
-            else:
-                self.history[ti] = torch.roll(self.history[ti], -1)
-                self.history[ti, -1] = li
+        device = self.counts.device
+        t = t.to(device).long()
+        losses = losses.detach().to(device, torch.float64)
+        ts, order = torch.sort(t, stable=True)
+        occurrence = torch.arange(len(ts), device=device) - torch.searchsorted(ts, ts)
+        per_t = torch.bincount(ts, minlength=self.T)
+        keep = occurrence >= per_t[ts] - HISTORY
+        if ok is not None:
+            keep = keep & ok.to(device)
+            per_t = per_t * ok.to(device).long()
+        slot = (self.counts[ts] + occurrence) % HISTORY
+        row = torch.where(keep, ts, self.T)  # dropped ones go to the scratch row
+        self._ring.index_put_((row, slot), losses[order])
+        self.counts += per_t
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"timesteps.history": self.history.clone(), "timesteps.counts": self.counts.clone()}
+        return {"timesteps.history": self.history.cpu().clone(),
+                "timesteps.counts": self.counts.cpu().clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "timesteps.history" in state:
@@ -69,5 +103,7 @@ class TimestepSampler:
                     f"the checkpoint's timestep-sampler state is for T = {history.shape[0]} "
                     f"diffusion steps, this run has T = {self.T}: resume with the run's "
                     "--timesteps, or train into a new --out")
+            # Older checkpoints kept counts at most HISTORY with the newest loss last: there
+            # counts % HISTORY is slot 0, their oldest, so the ring continues correctly.
             self.history.copy_(history)
             self.counts.copy_(counts)

@@ -3,10 +3,12 @@
 Randomness is arranged so that a run is reproducible and resumable exactly, and does not
 depend on the number of processes:
 - the data order is a fresh permutation per epoch, seeded by (seed, epoch);
-- timesteps, noise and flips for the *global* batch come from one generator shared by all
-  ranks (each rank uses its slice), whose state is saved in every checkpoint;
-- the global RNG (dropout) is saved too.
-So an interrupted run resumed from step k continues bit-identically on the CPU.
+- each example's timestep, flip and noise are drawn on the device from a generator seeded by
+  (seed, the example's index in the data stream) alone (train/randomness.py), so each rank
+  draws only its own examples and no generator state needs saving;
+- the dropout RNG states (CPU, and CUDA's on a GPU) of every rank are saved.
+So an interrupted run resumed from step k continues bit-identically on the CPU. The step never
+waits for the device: figures are read once per log row (train/monitor.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 
 from .. import dist
 from ..config import RunConfig
-from ..data import Dataset, load_data, random_flip
+from ..data import Dataset, load_data
 from ..diffusion import GaussianDiffusion
 from ..errors import CheckpointError, ConfigError, DdpmkitError
 from ..load import (  # noqa: F401  LoadedRun and load_for_inference moved to ddpmkit.load
@@ -39,7 +41,8 @@ from ..load import (  # noqa: F401  LoadedRun and load_for_inference moved to dd
     state_dict_mismatch,
 )
 from ..nn import build_model
-from ..runtime import tune_allocator
+from ..runtime import set_tf32, tune_allocator
+from .checkpoint import find_checkpoint as find_checkpoint_folder
 from .checkpoint import (
     incomplete_checkpoints,
     list_checkpoints,
@@ -50,10 +53,12 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .ema import EMA, ema_decay
+from .monitor import LogWindow, StepHealth
+from .randomness import ExampleDraws, rng_state, set_rng_state
 from .timesteps import TimestepSampler
 
 METRIC_FIELDS = ["step", "images", "loss", "mse", "vb", "lr", "grad_norm", "loss_q0", "loss_q1",
-                 "loss_q2", "loss_q3", "steps_per_s", "elapsed_s", "skipped"]
+                 "loss_q2", "loss_q3", "steps_per_s", "elapsed_s", "skipped", "overflow"]
 
 
 class TrainingDiverged(DdpmkitError):
@@ -94,10 +99,20 @@ def resolve_config(cfg: RunConfig, data: Dataset) -> RunConfig:
 
 
 class _Stop:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (then saves)."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (then saves).
+
+    Copies of one stop request must not abort the save: SLURM's ``--signal`` sends SIGTERM to
+    every process of the job step, and torchrun forwards the SIGTERM (or the terminal's SIGINT,
+    which also reaches every worker directly) once more. So a repeated SIGTERM is ignored, and
+    only a SIGINT more than ``REPEAT_WINDOW`` seconds after the first signal (a person pressing
+    Ctrl-C again) aborts at once.
+    """
+
+    REPEAT_WINDOW = 2.0  # seconds; torchrun forwards within milliseconds
 
     def __init__(self):
         self.reason: str | None = None
+        self._first_at = 0.0
         self._old = {}
 
     def __enter__(self):
@@ -107,11 +122,13 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame):
-        if self.reason is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.reason = "signal"
-        dist.print0(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint, then "
-                    "stopping (press again to abort)")
+        now = time.monotonic()
+        if self.reason is None:
+            self.reason, self._first_at = "signal", now
+            dist.print0(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint, then "
+                        "stopping (press Ctrl-C again to abort)")
+        elif signum == signal.SIGINT and now - self._first_at > self.REPEAT_WINDOW:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -197,6 +214,44 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
         return torch.optim.AdamW(params, **settings)
 
 
+# What belongs to the optimizer object, not to the training state in a checkpoint.
+_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict``, keeping what belongs to this optimizer, not the file.
+
+    - Implementation flags (fused, foreach, capturable): load_state_dict would take the
+      checkpoint's, so a state saved by a non-fused AdamW turned a fused one non-fused,
+      which GradScaler then fails on ("Expected grad_scale and found_inf to be None").
+    - Each moment gets its parameter's memory layout. Checkpoints store tensors contiguous,
+      and the fused kernels walk a parameter and its moments as flat memory: channels_last
+      weights with contiguous moments would be updated with other elements' moments (on the
+      CPU silently; CUDA refuses the mismatch).
+    """
+    keep = [{k: g[k] for k in _IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, flags in zip(optimizer.param_groups, keep, strict=True):
+        group.update(flags)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape \
+                        and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def make_grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """fp16's loss scaler (disabled: a pass-through); its state is saved in checkpoints."""
+    return torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu",
+                                enabled=enabled)
+
+
+def use_channels_last(setting: str, device: torch.device) -> bool:
+    """channels_last weights: "auto" is on for CUDA (cuDNN's fast layout), off on the CPU."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 def _lr_at(cfg, step: int) -> float:
     tc = cfg.train
     if tc.warmup_steps > 0 and step < tc.warmup_steps:
@@ -210,13 +265,6 @@ def _lr_at(cfg, step: int) -> float:
 def _dropout_seed(seed: int, rank: int, step: int) -> int:
     """A fresh dropout seed for a rank that has no saved RNG state (start, or more ranks)."""
     return (seed * 1_000_003 + rank) * 1_000_033 + step
-
-
-def _any_rank(*flags: bool) -> list[bool]:
-    """Each flag OR-ed over all ranks (one small all-reduce)."""
-    t = torch.tensor([float(f) for f in flags], device=dist.comm_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -322,51 +370,13 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, progress: bool) -> Tra
 
 
 @dataclass
-class _LogWindow:
-    """The metric row in progress: per-step values since the last log row, and the loss summed
-    by timestep quartile. Saved in checkpoints, so that a resume between two log steps writes
-    the rows of a straight run."""
-
-    values: dict[str, list[float]] = dataclasses.field(
-        default_factory=lambda: {k: [] for k in ("loss", "mse", "vb", "grad_norm")})
-    quartile_sum: torch.Tensor = dataclasses.field(
-        default_factory=lambda: torch.zeros(4, dtype=torch.float64))
-    quartile_n: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(4))
-
-    def state(self) -> dict:
-        return {"window": self.values, "quartile_sum": self.quartile_sum.tolist(),
-                "quartile_n": self.quartile_n.tolist()}
-
-    def load(self, saved: dict) -> None:
-        # Metrics are not worth failing a resume over: bad ones are reset.
-        with contextlib.suppress(KeyError, TypeError, ValueError, RuntimeError):
-            values = {k: [float(v) for v in saved["window"][k]] for k in self.values}
-            q_sum = torch.tensor(saved["quartile_sum"], dtype=torch.float64).reshape(4)
-            q_n = torch.tensor(saved["quartile_n"], dtype=torch.float32).reshape(4)
-            self.values, self.quartile_sum, self.quartile_n = values, q_sum, q_n
-
-    def row(self) -> dict:
-        """The means since the last row (then cleared)."""
-        row = {k: sum(v) / len(v) if v else "" for k, v in self.values.items()}
-        for i in range(4):
-            n = self.quartile_n[i]
-            row[f"loss_q{i}"] = float(self.quartile_sum[i] / n) if n > 0 else ""
-        self.values = {k: [] for k in self.values}
-        self.quartile_sum.zero_()
-        self.quartile_n.zero_()
-        return row
-
-
-@dataclass
 class _StepResult:
-    """One global step's outcome as every rank sees it."""
+    """One global step's outcome as every rank sees it, on the device (read at log rows)."""
 
     lr: float
-    loss: float                       # mean over the global batch
-    grad_norm: float
-    per_example: torch.Tensor         # [global_batch] losses, in global-batch order (CPU)
-    t: torch.Tensor                   # [global_batch] timesteps
-    term_means: dict[str, float]      # global means of the loss terms ("mse", "vb")
+    loss: torch.Tensor                # mean over the global batch
+    grad_norm: torch.Tensor
+    ok: torch.Tensor                  # bool: the update was applied (loss and gradient finite)
 
 
 class _Trainer:
@@ -389,11 +399,21 @@ class _Trainer:
                         f"{self.data.skipped[0]}")
         self.diffusion = build_diffusion(cfg)
         self._build_model()
-        self.timesteps = TimestepSampler(self.diffusion.num_timesteps, tc.timestep_sampler)
+        self._set_precision()
+        self.timesteps = TimestepSampler(self.diffusion.num_timesteps, tc.timestep_sampler,
+                                         device=self.device)
         self.order = _DataOrder(len(self.data), tc.seed)
+        self.draws = ExampleDraws(tc.seed, self.device)
         self.global_batch = tc.batch_size * self.world * tc.grad_accum
-        self.step_count, self.images_seen, self.bad_in_a_row, self.skipped_total = 0, 0, 0, 0
-        self.window = _LogWindow()
+        # This rank's positions in the global batch: micro-batch a of rank r is slice
+        # (a * world + r) of the global batch, so any split trains on the same examples.
+        self.mine = [(a * self.world + self.rank) * tc.batch_size + i
+                     for a in range(tc.grad_accum) for i in range(tc.batch_size)]
+        self.step_count, self.images_seen = 0, 0
+        self.window = LogWindow(self.device)
+        self.health = StepHealth(self.device)
+        self.skipped_total = self.overflow_total = 0  # as last read from self.health
+        self.last_loss = torch.full((), math.nan, device=self.device)
         self.last_ckpt: Path | None = None
 
     def _build_model(self) -> None:
@@ -404,14 +424,24 @@ class _Trainer:
         self.model = build_model(self.cfg.model).to(self.device)
         if self.rank > 0:
             torch.manual_seed(_dropout_seed(tc.seed, self.rank, 0))
-        if self.device.type == "cuda":
+        if use_channels_last(tc.channels_last, self.device):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model)
         self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay)
-        self.gen = torch.Generator().manual_seed(tc.seed)
+
+    def _set_precision(self) -> None:
+        """Autocast dtype, and the GradScaler (fp16 only; its state is checkpointed)."""
+        tc = self.cfg.train
+        set_tf32(tc.tf32)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
+        self.use_amp = self.amp_dtype is not None and self.device.type == "cuda"
+        if self.amp_dtype is not None and self.device.type != "cuda":
+            dist.print0(f"precision={tc.precision} needs CUDA; training in fp32 on {self.device}")
+        fp16 = self.use_amp and self.amp_dtype == torch.float16
+        self.scaler = make_grad_scaler(self.device, fp16)
 
     def _wrap_for_training(self) -> None:
-        """DDP, torch.compile and mixed precision around the plain module."""
+        """DDP and torch.compile around the plain module."""
         tc = self.cfg.train
         # DDP wraps the plain module (its state_dict keys stay unprefixed in checkpoints, and
         # the EMA reads the same parameters), then torch.compile wraps DDP, as PyTorch
@@ -425,22 +455,32 @@ class _Trainer:
             self.train_model = self.ddp
         if tc.compile:
             self.train_model = torch.compile(self.train_model)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
-        self.use_amp = self.amp_dtype is not None and self.device.type == "cuda"
-        if self.amp_dtype is not None and self.device.type != "cuda":
-            dist.print0(f"precision={tc.precision} needs CUDA; training in fp32 on {self.device}")
-        self.scaler = torch.amp.GradScaler(
-            "cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
 
     # ---- restore -------------------------------------------------------------------------
 
     def find_checkpoint(self, resume: str | None) -> str | Path | None:
-        if resume == "auto":
-            found = list_checkpoints(self.out)
-            # rank 0's choice, so that every rank resumes from the same step even if a listing
-            # of a shared file system lags
-            return dist.broadcast_object(found[-1] if found else None)
-        return resume or None
+        """The checkpoint to resume from, as rank 0 resolves it, on every rank.
+
+        Rank 0 lists the folder and every rank gets its answer, so that all resume from the
+        same step even if a shared file system's listing lags on some machines.
+        """
+        if not resume:
+            return None
+        found: str | Path | None = None
+        error = None
+        if dist.is_main():
+            try:
+                if resume == "auto":
+                    listed = list_checkpoints(self.out)
+                    found = listed[-1] if listed else None
+                else:  # a run folder means its newest complete checkpoint
+                    found = find_checkpoint_folder(resume)
+            except DdpmkitError as e:
+                error = str(e)
+        found, error = dist.broadcast_object((found, error))
+        if error is not None:
+            raise CheckpointError(error)
+        return found
 
     def restore(self, ckpt_path: str | Path | None, resume: str | None) -> None:
         """Load weights, EMA, optimizer, RNG states and counters from a checkpoint, or say
@@ -468,23 +508,27 @@ class _Trainer:
                                   "--resume none to start over here)") from None
         try:
             self.ema.load_state_dict(ckpt.ema)
-            self.optimizer.load_state_dict(optimizer_from_flat(
+            load_optimizer_state(self.optimizer, optimizer_from_flat(
                 ckpt.trainer_tensors, ckpt.trainer_state["optimizer"]))
-            self.gen.set_state(ckpt.trainer_tensors["rng.generator"])
+            if self.scaler.is_enabled() and "grad_scaler" in ckpt.trainer_state:
+                self.scaler.load_state_dict(ckpt.trainer_state["grad_scaler"])
         except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
             # A damaged or hand-made trainer state must not surface as a raw traceback.
             raise CheckpointError(f"{ckpt.path}: the trainer state (EMA, optimizer, RNG) "
                                   f"cannot be restored: {type(e).__name__}: "
                                   f"{str(e)[:200]}") from None
         self.step_count = step = ckpt.step
-        key = f"rng.torch.rank{self.rank}"
-        if key in ckpt.trainer_tensors:
-            torch.set_rng_state(ckpt.trainer_tensors[key])
-        else:  # written by fewer processes: a new, reproducible dropout stream for this rank
+        saved = {kind: ckpt.trainer_tensors[f"rng.{kind}.rank{self.rank}"]
+                 for kind in ("torch", "cuda")
+                 if f"rng.{kind}.rank{self.rank}" in ckpt.trainer_tensors}
+        if not set_rng_state(self.device, saved):
+            # written by fewer processes (or on the CPU): a new, reproducible dropout stream
             torch.manual_seed(_dropout_seed(tc.seed, self.rank, step))
         self.timesteps.load_state_dict(ckpt.trainer_tensors)
         self.images_seen = int(ckpt.trainer_state.get("images_seen", 0))
         self.skipped_total = int(ckpt.trainer_state.get("skipped", 0))
+        self.overflow_total = int(ckpt.trainer_state.get("overflow", 0))
+        self.health.load(self.skipped_total, self.overflow_total)
         self.window.load(ckpt.trainer_state.get("log_window"))
         dist.print0(f"resuming from {ckpt.path} at step {step}")
         old_world = int(ckpt.trainer_state.get("world_size", 1))
@@ -513,37 +557,39 @@ class _Trainer:
     # ---- one step ------------------------------------------------------------------------
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The global batch's randomness, identical on every rank: x0, t, weights, noise."""
+        """This rank's examples of the global batch, on the device: x0, t, weights, noise.
+
+        Timestep, flip and noise of each example are drawn on the device from its place in
+        the data stream alone (:mod:`.randomness`), so the global batch is never built.
+        """
         data = self.data
         idx = self.order.indices(self.images_seen, self.global_batch)
-        t_all, w_all = self.timesteps.sample(self.global_batch, self.gen)
-        noise_all = torch.randn((self.global_batch, *data.shape), generator=self.gen)
         x0_all = data.x[idx]
+        x0 = x0_all[self.mine].to(self.device, non_blocking=True)
+        u, noise = self.draws([self.images_seen + i for i in self.mine], data.shape)
+        t, w = self.timesteps.from_uniform(u[:, 0])
         if self.cfg.data.flip and data.kind == "image":
-            x0_all = random_flip(x0_all, self.gen)
-        return x0_all, t_all, w_all, noise_all
+            x0 = torch.where((u[:, 1] < 0.5)[:, None, None, None], x0.flip(-1), x0)
+        return x0, t, w, noise
 
-    def _forward_backward(self, x0_all, t_all, w_all, noise_all
+    def _forward_backward(self, x0, t, w, noise
                           ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Losses and gradients of this rank's micro-batches; returns the per-example losses
         ([grad_accum * batch_size], this rank's) and the loss terms."""
-        tc, device = self.cfg.train, self.device
-        micro, world = tc.batch_size, self.world
+        tc = self.cfg.train
+        micro = tc.batch_size
         step_losses, step_terms = [], {"mse": [], "vb": []}
         for a in range(tc.grad_accum):
-            lo = (a * world + self.rank) * micro
-            sl = slice(lo, lo + micro)
-            x0 = x0_all[sl].to(device, non_blocking=True)
-            t = t_all[sl].to(device)
-            noise = noise_all[sl].to(device, non_blocking=True)
+            sl = slice(a * micro, (a + 1) * micro)
             sync = contextlib.nullcontext()
             if self.ddp is not None and a < tc.grad_accum - 1:
                 sync = self.ddp.no_sync()  # all-reduce once, after the last micro-batch
             with sync:
-                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                    terms = self.diffusion.training_losses(self.train_model, x0, t, noise,
-                                                           levels=self.data.levels)
-                loss = (terms["loss"] * w_all[sl].to(device)).mean() / tc.grad_accum
+                with torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                    enabled=self.use_amp):
+                    terms = self.diffusion.training_losses(self.train_model, x0[sl], t[sl],
+                                                           noise[sl], levels=self.data.levels)
+                loss = (terms["loss"] * w[sl]).mean() / tc.grad_accum
                 self.scaler.scale(loss).backward()
             step_losses.append(terms["loss"].detach())
             for k in step_terms:
@@ -551,18 +597,20 @@ class _Trainer:
                     step_terms[k].append(terms[k].detach())
         return torch.cat(step_losses).float(), step_terms
 
-    def _gather_losses(self, local: torch.Tensor) -> torch.Tensor:
-        """Every rank's per-example losses in global-batch order, on the CPU."""
+    def _gather(self, local: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's per-example losses and timesteps in global-batch order (device)."""
         if not self.distributed:
-            return local.cpu()
+            return local, t
         tc = self.cfg.train
-        gathered = [torch.empty_like(local) for _ in range(self.world)]
-        torch.distributed.all_gather(gathered, local)
-        # rank-major within each accumulation step, as sliced in _forward_backward
-        full = torch.stack(gathered).reshape(self.world, tc.grad_accum, tc.batch_size)
-        return full.transpose(0, 1).reshape(-1).cpu()
+        both = torch.stack([local, t.float()])  # t < 2**24: exact in float32
+        gathered = [torch.empty_like(both) for _ in range(self.world)]
+        torch.distributed.all_gather(gathered, both)
+        # rank-major within each accumulation step, as sliced in __init__ (self.mine)
+        full = torch.stack(gathered).reshape(self.world, 2, tc.grad_accum, tc.batch_size)
+        full = full.permute(1, 2, 0, 3).reshape(2, -1)
+        return full[0], full[1].long()
 
-    def _term_means(self, step_terms: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    def _term_means(self, step_terms: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The global batch's mean of each loss term (every rank has as many examples)."""
         names = [k for k, v in step_terms.items() if v]
         if not names:
@@ -571,96 +619,117 @@ class _Trainer:
         if self.distributed:
             torch.distributed.all_reduce(means)
             means = means / self.world
-        return dict(zip(names, means.tolist(), strict=True))
+        return dict(zip(names, means.unbind(), strict=True))
 
     def step(self) -> _StepResult:
-        """One optimizer step on the global batch (skipped, and counted, if not finite)."""
+        """One optimizer step on the global batch; skipped, and counted, if not finite.
+
+        Nothing here waits for the device: the skip is decided on the device (see
+        :meth:`_apply_update`), and the figures go into device tensors read at log rows.
+        """
         tc = self.cfg.train
         lr = _lr_at(self.cfg, self.step_count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x0_all, t_all, w_all, noise_all = self._batch()
+        x0, t, w, noise = self._batch()
         self.optimizer.zero_grad(set_to_none=True)
-        local, step_terms = self._forward_backward(x0_all, t_all, w_all, noise_all)
-        full = self._gather_losses(local)
-        loss_value = float(full.mean())
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")))
-        result = _StepResult(lr, loss_value, grad_norm, full, t_all, {})
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            self._skip_step(result, step_terms)
-        else:
-            self.bad_in_a_row = 0
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.ema.update(self.model, ema_decay(
-                self.global_batch, self.images_seen + self.global_batch, tc.ema_half_life,
-                tc.ema_rampup))
-            self.timesteps.update(t_all, full)
-            result.term_means = self._term_means(step_terms)
+        local, step_terms = self._forward_backward(x0, t, w, noise)
+        full, t_all = self._gather(local, t)
+        loss = full.mean()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        finite_loss = torch.isfinite(loss)
+        ok = finite_loss & torch.isfinite(grad_norm)
+        self._apply_update(ok)
+        self.ema.update(self.model, ema_decay(
+            self.global_batch, self.images_seen + self.global_batch, tc.ema_half_life,
+            tc.ema_rampup), where=ok)
+        self.timesteps.update(t_all, full, ok)
+        values = {"loss": loss, "grad_norm": grad_norm, **self._term_means(step_terms)}
+        self.window.add(ok, values, t_all, full, self.diffusion.num_timesteps)
+        self.health.update(self.step_count + 1, ok, finite_loss, self.scaler.is_enabled(),
+                           tc.max_bad_steps, values)
+        self.last_loss = torch.where(ok, loss.detach(), self.last_loss)
         self.images_seen += self.global_batch
         self.step_count += 1
-        return result
+        return _StepResult(lr, loss, grad_norm, ok)
 
-    def _skip_step(self, result: _StepResult, step_terms: dict) -> None:
-        """A non-finite loss or gradient: no update; too many in a row end the run."""
-        self.bad_in_a_row += 1
-        self.skipped_total += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.update()
-        if self.bad_in_a_row < self.cfg.train.max_bad_steps:
+    def _apply_update(self, ok: torch.Tensor) -> None:
+        """optimizer.step() unless ``ok`` is false, decided on the device where it can be.
+
+        With fp16 the GradScaler skips overflowing steps itself (a non-finite gradient is
+        exactly when ``ok`` is false with a finite loss). PyTorch's fused AdamW takes a
+        ``found_inf`` flag and then leaves weights, moments and step count unchanged (the
+        protocol GradScaler uses); only the non-fused fallback needs one host read per step.
+        """
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            self.optimizer.grad_scale = None
+            self.optimizer.found_inf = (~ok).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        elif bool(ok):
+            self.optimizer.step()
+
+    def _check_health(self) -> None:
+        """Read the skip counters (one host read); stop if the run has diverged."""
+        skipped, overflow, trip = self.health.read()
+        self.skipped_total, self.overflow_total = skipped, overflow
+        if trip is None:
             return
-        parts = ", ".join(f"{k}={float(torch.cat(v).mean()):.4g}"
-                          for k, v in step_terms.items() if v)
+        parts = ", ".join(f"{k}={v:.4g}" for k, v in trip.values.items()
+                          if k not in ("loss", "grad_norm"))
         # Steps are counted from 1 here, as in checkpoint names (step-N: N done). A skipped
-        # step never changes the weights, so every checkpoint on disk holds finite ones.
+        # step never changes the weights, and no checkpoint is written after the trip, so
+        # every checkpoint on disk holds finite ones.
         raise TrainingDiverged(
-            f"{self.bad_in_a_row} consecutive non-finite steps ending at step "
-            f"{self.step_count + 1} (loss={result.loss:.4g}, grad_norm={result.grad_norm:.4g}"
-            f"{', ' if parts else ''}{parts}; {self.skipped_total} skipped in all); the last "
-            f"checkpoint ({self.last_ckpt or 'none written yet'}) is untouched: resume from "
-            "it with a lower --lr, keep --grad-clip on, use --precision fp32 / bf16, or check "
-            "the data for NaN")
+            f"{self.cfg.train.max_bad_steps} consecutive non-finite steps ending at step "
+            f"{trip.step} (loss={trip.values['loss']:.4g}, "
+            f"grad_norm={trip.values['grad_norm']:.4g}{', ' if parts else ''}{parts}; "
+            f"{trip.skipped} skipped in all); the last checkpoint "
+            f"({self.last_ckpt or 'none written yet'}) is untouched: resume from it with a "
+            "lower --lr, keep --grad-clip on, use --precision fp32 / bf16, or check the data "
+            "for NaN")
 
     # ---- log, save -----------------------------------------------------------------------
 
-    def record(self, r: _StepResult) -> None:
-        """Add a finished (not skipped) step to the metric row in progress."""
-        w = self.window
-        w.values["loss"].append(r.loss)
-        w.values["grad_norm"].append(r.grad_norm)
-        for k, m in r.term_means.items():
-            w.values[k].append(m)
-        q = (r.t * 4 // self.diffusion.num_timesteps).clamp(max=3)
-        w.quartile_sum.index_add_(0, q, r.per_example.double())
-        w.quartile_n.index_add_(0, q, torch.ones_like(r.per_example))
-
-    def log(self, lr: float) -> None:
-        """One row of metrics.csv (rank 0)."""
+    def log(self, lr: float) -> dict:
+        """One row of metrics.csv (rank 0); returns it."""
         now = time.time()
         row = {"step": self.step_count, "images": self.images_seen, "lr": lr,
                "steps_per_s": (self.step_count - self._last_log_step)
                / max(now - self._last_log_time, 1e-9),
                "elapsed_s": now - self.t_start, "skipped": self.skipped_total,
-               **self.window.row()}
+               "overflow": self.overflow_total, **self.window.row()}
         _append_metrics(self.out / "metrics.csv", row)
         self._last_log_time, self._last_log_step = now, self.step_count
+        return row
 
     def save(self) -> Path:
         """Rank 0 writes; every rank must call it (it gathers each rank's dropout RNG)."""
+        self._check_health()  # never write a checkpoint after the run diverged
         step = self.step_count
-        rng_states = dist.all_gather_equal(torch.get_rng_state())
+        rng = {kind: dist.all_gather_equal(state)
+               for kind, state in rng_state(self.device).items()}
         path = self.out / "checkpoints" / f"step-{step:07d}"
         if dist.is_main():
             opt_tensors, opt_meta = optimizer_to_flat(self.optimizer.state_dict())
-            tensors = {**opt_tensors, **self.timesteps.state_dict(),
-                       "rng.generator": self.gen.get_state()}
-            for r, state in enumerate(rng_states):
-                tensors[f"rng.torch.rank{r}"] = state
+            tensors = {**opt_tensors, **self.timesteps.state_dict()}
+            for kind, states in rng.items():
+                for r, state in enumerate(states):
+                    tensors[f"rng.{kind}.rank{r}"] = state
             state = {"optimizer": opt_meta, "images_seen": self.images_seen,
-                     "skipped": self.skipped_total, "world_size": self.world,
-                     "global_batch": self.global_batch, "log_window": self.window.state()}
+                     "skipped": self.skipped_total, "overflow": self.overflow_total,
+                     "world_size": self.world, "global_batch": self.global_batch,
+                     "log_window": self.window.state()}
+            if self.scaler.is_enabled():
+                state["grad_scaler"] = self.scaler.state_dict()
             path = save_checkpoint(self.out, step, self.model.state_dict(),
                                    self.ema.state_dict(), tensors, state, self.cfg,
                                    keep=self.cfg.train.keep_checkpoints)
@@ -679,7 +748,7 @@ class _Trainer:
         time_up = bool(tc.max_minutes) and time.time() - self.t_start >= tc.max_minutes * 60
         signalled = stop.reason is not None
         if self.distributed:
-            time_up, signalled = _any_rank(time_up, signalled)
+            time_up, signalled = dist.any_rank(time_up, signalled)
         if time_up:
             return "max_minutes"
         if signalled:
@@ -695,7 +764,7 @@ class _Trainer:
         return tqdm(total=self.cfg.train.max_steps or None, initial=self.step_count,
                     unit="step", dynamic_ncols=True, desc="train")
 
-    def _advance_bar(self, bar, r: _StepResult, final_loss: float) -> None:
+    def _advance_bar(self, bar, row: dict | None) -> None:
         tc = self.cfg.train
         if tc.max_minutes:  # the ETA of a run stopped by the clock: steps that fit in it
             rate = bar.format_dict.get("rate") or 0
@@ -703,14 +772,16 @@ class _Trainer:
             by_time = self.step_count + int(rate * max(left, 0))
             total = min(tc.max_steps, by_time) if tc.max_steps else by_time
             bar.total = max(total, self.step_count)
-        bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{r.lr:.2e}", refresh=False)
+        if row is not None:  # figures change at log rows (reading them each step would stall)
+            loss = row["loss"]
+            bar.set_postfix(loss=f"{loss:.4f}" if loss != "" else "-", lr=f"{row['lr']:.2e}",
+                            refresh=False)
         bar.update(1)
 
     def run(self, progress: bool) -> TrainResult:
         tc, cfg = self.cfg.train, self.cfg
         self._wrap_for_training()
         self._last_log_time, self._last_log_step = time.time(), self.step_count
-        final_loss = float("nan")
         bar = self._progress_bar(progress)
         with _Stop() as stop:
             while True:
@@ -718,14 +789,13 @@ class _Trainer:
                 if stopped:
                     break
                 r = self.step()
-                if self.bad_in_a_row == 0:
-                    final_loss = r.loss
-                    self.record(r)
+                step, row = self.step_count, None
+                if step % tc.log_every == 0:
+                    self._check_health()  # on every rank, so that all stop together
+                    if dist.is_main():
+                        row = self.log(r.lr)
                 if bar is not None:
-                    self._advance_bar(bar, r, final_loss)
-                step = self.step_count
-                if step % tc.log_every == 0 and dist.is_main():
-                    self.log(r.lr)
+                    self._advance_bar(bar, row)
                 if step % tc.checkpoint_every == 0:
                     self.last_ckpt = self.save()
                 if tc.sample_every and step % tc.sample_every == 0:
@@ -744,8 +814,8 @@ class _Trainer:
             write_pictures(cfg, self.model, self.ema, self.diffusion, self.data, self.out,
                            step=None)
         dist.barrier()
-        return TrainResult(self.out, self.step_count, self.last_ckpt, stopped, final_loss,
-                           elapsed)
+        return TrainResult(self.out, self.step_count, self.last_ckpt, stopped,
+                           float(self.last_loss), elapsed)
 
 
 def write_pictures(cfg: RunConfig, model: nn.Module, ema: EMA, diffusion: GaussianDiffusion,
