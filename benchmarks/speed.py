@@ -59,7 +59,7 @@ from torch import nn
 from ddpmkit.config import MODEL_PRESETS
 from ddpmkit.diffusion import GaussianDiffusion
 from ddpmkit.nn.unet import UNet, count_parameters, to_diffusers_name
-from ddpmkit.runtime import tune_allocator
+from ddpmkit.runtime import set_tf32, tune_allocator
 from ddpmkit.schedules import linear_betas
 from ddpmkit.train.ema import EMA
 from ddpmkit.train.trainer import make_optimizer
@@ -352,9 +352,7 @@ def worker_main(spec: dict) -> None:
     lib = "ddpmkit" if name.startswith("ddpmkit") else "diffusers"
     device = torch.device(spec["device"])
     torch.set_num_threads(spec["threads"])
-    if spec["tf32"]:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_tf32(spec["tf32"])  # both switches one way: cuDNN's TF32 default is on, matmul's off
     setup = Setup(argparse.Namespace(**spec["setup"]), device)
     libs = None if lib == "ddpmkit" else import_diffusers()
 
@@ -466,6 +464,14 @@ def summarize(times: dict[str, list[float]], images_per_call: int) -> dict:
 
 # ---- main ------------------------------------------------------------------------------------
 
+def _bool(text: str) -> bool:
+    if text.strip().lower() in ("true", "yes", "on", "1"):
+        return True
+    if text.strip().lower() in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--batch", type=int, default=16, help="images per step (default 16)")
@@ -477,7 +483,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: batch 4, 2 rounds, 1 warm-up, bits/dim once each")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for all (CUDA mainly)")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convs on CUDA")
+    p.add_argument("--tf32", type=_bool, nargs="?", const=True, default=True, metavar="BOOL",
+                   help="TF32 matmuls and convolutions on CUDA, as ddpmkit train/sample/eval "
+                        "(default: true; false measures full float32)")
     p.add_argument("--channels-last", action="store_true",
                    help="all models and inputs in channels_last")
     p.add_argument("--compile", action="store_true", help="torch.compile every network")
@@ -517,6 +525,7 @@ def main(argv=None) -> None:
                           else ("cpu" if args.device == "auto" else args.device))
     threads = args.threads or all_cores()
     torch.set_num_threads(threads)
+    set_tf32(args.tf32)
     libs = import_diffusers()
     setup_args = dict(batch=args.batch, channels_last=args.channels_last, bf16=args.bf16,
                       compile=args.compile)
@@ -545,7 +554,8 @@ def main(argv=None) -> None:
           + f"; torch {torch.__version__}, diffusers {libs[0]}; load avg "
           f"{machine['load_average_start']}")
     print(f"# batch {args.batch}, {args.rounds} rounds after {args.warmup} warm-up, fp32"
-          + (", bf16 autocast" if args.bf16 else "") + (", TF32" if args.tf32 else "")
+          + (", bf16 autocast" if args.bf16 else "")
+          + (", TF32 matmuls+convs" if args.tf32 and device.type == "cuda" else "")
           + (", channels_last" if args.channels_last else "")
           + (", torch.compile" if args.compile else ""), flush=True)
 

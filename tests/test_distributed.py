@@ -7,6 +7,7 @@ so the launches are few and each checks several things.
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ddpmkit.cli import main
+from ddpmkit.train.checkpoint import list_checkpoints
 
 # Tiny U-Net, no dropout (dropout masks are per rank, so they could never match one process),
 # checkpoints at steps 2 and 4.
@@ -191,3 +193,112 @@ def test_two_process_eval_equals_one_process(one_proc, capsys):
     for key in ("bits_per_dim", "prior", "diffusion", "decoder", "stderr"):
         assert two[key] == pytest.approx(one[key], rel=1e-9, abs=0), key
     assert torch.isfinite(torch.tensor(one["bits_per_dim"]))
+
+
+# ---- issue 16: the SLURM signal rule, uint8 gathered in rounds --------------------------------
+
+SHIM = """import os, sys, time
+from ddpmkit.cli import main
+from ddpmkit.train import trainer
+if os.environ.get("SLOW_SAVE"):  # a big model's checkpoint write takes a while
+    real = trainer.save_checkpoint
+    def slow(*a, **k):
+        time.sleep(float(os.environ["SLOW_SAVE"]))
+        return real(*a, **k)
+    trainer.save_checkpoint = slow
+rc = main(sys.argv[1:])
+with open(os.path.join(os.environ["RC_DIR"], "rc." + os.environ["RANK"]), "w") as f:
+    f.write(str(rc))
+sys.exit(rc)
+"""
+
+
+def _torchrun_cmd(script, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
+            *args]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4: ppid
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_to_torchrun_and_every_worker_saves_one_checkpoint(tmp_path):
+    """SLURM's --signal=TERM reaches torchrun and each worker; torchrun forwards another
+    SIGTERM. The workers must take both as one request: save once, exit 0."""
+    import signal
+    import time
+    shim, run, log = tmp_path / "shim.py", tmp_path / "run", tmp_path / "out.log"
+    shim.write_text(SHIM)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", RC_DIR=str(tmp_path), PYTHONUNBUFFERED="1", SLOW_SAVE="3")
+    cmd = _torchrun_cmd(shim, "train", "--out", str(run), "--batch-size", str(B), *FLAGS,
+                        "--max-steps", "100000", "--checkpoint-every", "100000")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.csv").exists():  # the loop, with its handler, runs
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        # SLURM signals every process of the step; torchrun forwards its SIGTERM to the
+        # workers, which arrives while they save (signals that reach a process before its
+        # handler runs merge into one, so the workers' copies go first)
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(1.0)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    # torchrun itself reports the signal it got (exit 1); the workers saved and exited 0
+    assert [(tmp_path / f"rc.{r}").read_text() for r in (0, 1)] == ["0", "0"], text[-3000:]
+    assert "interrupted" not in text
+    stops = re.findall(r"stopped \(signal\) at step (\d+)", text)
+    assert len(stops) == 1, text[-3000:]
+    assert [p.name for p in list_checkpoints(run)] == [f"step-{int(stops[0]):07d}"]
+
+
+GATHER = """import os, sys, torch
+from ddpmkit import dist
+dist.init_process_group(torch.device("cpu"))
+counts = [7, 4]
+r = dist.rank()
+x = (torch.arange(counts[r] * 6, dtype=torch.uint8) + 100 * r).reshape(counts[r], 2, 3)
+out = dist.gather_rows(x, counts, max_bytes=13)  # 2 rows (12 bytes) per round: 4 rounds
+if r == 0:
+    torch.save(out, sys.argv[1])
+dist.destroy()
+"""
+
+
+def test_gather_rows_in_rounds_keeps_dtype_and_order(tmp_path):
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(_torchrun_cmd(script, str(tmp_path / "out.pt")), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    want = torch.cat([(torch.arange(c * 6, dtype=torch.uint8) + 100 * r).reshape(c, 2, 3)
+                      for r, c in enumerate([7, 4])])
+    assert got.dtype == torch.uint8 and torch.equal(got, want)

@@ -62,6 +62,22 @@ def _int_at_least(low: int):
     return parse
 
 
+def _bool(text: str) -> bool:
+    """An argparse type: true/false, yes/no, on/off, 1/0."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def _add_tf32(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tf32", type=_bool, nargs="?", const=True, default=True, metavar="BOOL",
+                   help="TF32 matmuls and convolutions on Ampere+ GPUs, as train's --tf32 "
+                        "(default: true; no effect on the CPU)")
+
+
 def _make_folder(folder: Path, what: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -156,9 +172,11 @@ def cmd_sample(args) -> int:
     from . import dist, viz
     from .data import to_uint8
     from .load import clip_denoised_for, load
+    from .runtime import set_tf32
     from .sampling import sample
 
     _output_file(args.out, (".png", ".npz"))
+    set_tf32(args.tf32)
     run = load(args.checkpoint, device=args.device, use_ema=not args.raw_weights)
     sc = C.section_from_dict(C.SampleConfig, C.flags_to_dict(args, C.SampleConfig),
                              base=run.config.sample)
@@ -175,7 +193,12 @@ def cmd_sample(args) -> int:
         return min(sc.batch_size, sc.num - start)
 
     bar = _progress_bar(args, "sample") if dist.is_main() else None
-    chunks = [torch.zeros((0, *run.data_shape))]  # a rank may own no batch
+    image = run.kind == "image"
+    c, *hw = run.data_shape
+    # Images become uint8 [n, H, W, C] on their rank before the gather: a quarter of float32's
+    # bytes on the wire and on rank 0 (50,000 at 256x256: 9.8 GB, not 39 GB).
+    chunks = [torch.zeros((0, *hw, c), dtype=torch.uint8) if image
+              else torch.zeros((0, *run.data_shape))]  # a rank may own no batch
     for start in owned[rank]:
         n = size(start)
         x = sample(run.model, run.diffusion, (n, *run.data_shape), method=sc.sampler,
@@ -183,7 +206,7 @@ def cmd_sample(args) -> int:
                    clip_denoised=sc.clip_denoised and clip_denoised_for(run.kind),
                    seeds=range(sc.seed + start, sc.seed + start + n), device=run.device,
                    callback=_step_callback(bar, n, start == 0))
-        chunks.append(x.float().cpu())
+        chunks.append(torch.from_numpy(to_uint8(x)) if image else x.float().cpu())
     if bar is not None:
         bar.close()
     x = dist.gather_rows(torch.cat(chunks), [sum(map(size, o)) for o in owned])
@@ -196,13 +219,13 @@ def cmd_sample(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
-        arr = to_uint8(x) if run.kind == "image" else x.numpy().astype(np.float32)
+        arr = x.numpy() if image else x.numpy().astype(np.float32)
         tmp = out.with_name(f".{out.name}.tmp.npz")
         np.savez(tmp, arr_0=arr)
         tmp.replace(out)
     elif out.suffix == ".png":
-        if run.kind == "image":
-            viz.save_image_grid(x, out)
+        if image:  # uint8 -> [-1, 1] floats that the grid maps back to the same bytes
+            viz.save_image_grid(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0, out)
         else:
             viz.plot_points(x, out, title=f"{sc.num} samples ({sc.sampler})")
     else:
@@ -237,7 +260,9 @@ def cmd_eval(args) -> int:
     from .data import load_data
     from .evaluate import evaluate_bpd
     from .load import clip_denoised_for, load
+    from .runtime import set_tf32
 
+    set_tf32(args.tf32)
     run = load(args.checkpoint, device=args.device)
     data_cfg = _data_config(run, args.data)
     data = load_data(data_cfg, args.split)
@@ -450,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: runs/<data name>)")
     p.add_argument("--resume", default="auto",
                    help="auto (newest checkpoint in --out, else a fresh start), none, or a "
-                        "checkpoint path (default: auto)")
+                        "checkpoint folder or run folder (its newest checkpoint); rank 0 "
+                        "resolves it for all ranks (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(p)
     for section, cls in C.SECTIONS.items():
@@ -467,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--raw-weights", action="store_true", help="use the raw, not the EMA weights")
     p.add_argument("--no-progress", action="store_true")
+    _add_tf32(p)
     _add_common(p)
     C.add_flags(p, C.SampleConfig, group_title="sampling options")
     p.set_defaults(func=cmd_sample)
@@ -487,8 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_int_at_least(1), default=1000,
                    help="network batch (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
+    _add_tf32(p)
     _add_common(p)
     p.set_defaults(func=cmd_eval)
 

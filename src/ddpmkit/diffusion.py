@@ -400,31 +400,35 @@ class GaussianDiffusion:
         device = x0.device
         if example_ids is None:
             example_ids = torch.arange(B)
-        example_ids = example_ids.cpu().long()
-        terms = torch.zeros(B, T, dtype=torch.float64)
+        example_ids = example_ids.cpu().long().tolist()
+        # One generator on the device, re-seeded per (example, t) pair: the draws are queued
+        # kernels, with no host-to-device copy to wait for.
+        gen = torch.Generator(device=device)
+        terms = torch.zeros(B, T, dtype=torch.float64, device=device)
         for start in range(0, B * T, batch_size):
             flat = torch.arange(start, min(start + batch_size, B * T))
             js, ts = flat // T, flat % T
-            noise = torch.stack([
-                torch.randn(x0.shape[1:], dtype=torch.float32,
-                            generator=_pair_generator(seed, int(example_ids[j]), int(i)))
-                for j, i in zip(js, ts, strict=True)]).to(device=device, dtype=x0.dtype)
-            xb = x0[js.to(device)]
-            tb = ts.to(device)
+            noise = torch.empty((len(flat), *x0.shape[1:]), dtype=torch.float32, device=device)
+            for k, (j, i) in enumerate(zip(js.tolist(), ts.tolist(), strict=True)):
+                gen.manual_seed(pair_seed(seed, example_ids[j], i))
+                noise[k].normal_(generator=gen)
+            noise = noise.to(x0.dtype)
+            js_d, tb = js.to(device), ts.to(device)
+            xb = x0[js_d]
             x_t = self.q_sample(xb, tb, noise)
             model_output = self.call_model(model, x_t, tb)
             # The bound's arithmetic runs in at least float32, whatever the network's dtype.
             dt = torch.promote_types(x0.dtype, torch.float32)
             vb = self.vb_terms_bpd(model_output.to(dt), xb.to(dt), x_t.to(dt), tb,
                                    levels=levels, clip_denoised=clip_denoised)
-            terms[js, ts] = vb.double().cpu()
+            terms[js_d, tb] = vb.double()
             if progress is not None:
                 progress(len(flat))
+        terms = terms.cpu()
         prior = self.prior_bpd(x0.double()).cpu()
         return {"total": prior + terms.sum(dim=1), "prior": prior, "terms": terms}
 
 
-def _pair_generator(seed: int, example_id: int, t: int) -> torch.Generator:
-    # A fixed injective-enough mix of (seed, example, step) into one 63-bit seed.
-    mixed = (seed * 1_000_003 + example_id) * 1_000_033 + t
-    return torch.Generator().manual_seed(mixed % (2**63 - 1))
+def pair_seed(seed: int, example_id: int, t: int) -> int:
+    """A fixed injective-enough mix of (seed, example, step) into one 63-bit seed."""
+    return ((seed * 1_000_003 + example_id) * 1_000_033 + t) % (2**63 - 1)

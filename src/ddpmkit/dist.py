@@ -6,6 +6,7 @@ it everything runs single-process and no process group is created.
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import timedelta
 
@@ -146,24 +147,39 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
+GATHER_BYTES = 256 << 20  # per rank and gather: bounds the buffers, whatever the total
+
+
+def gather_rows(x: torch.Tensor, counts: list[int],
+                max_bytes: int = GATHER_BYTES) -> torch.Tensor | None:
     """Rank r's ``x`` [counts[r], ...] -> on rank 0, all ranks' rows in rank order; else None.
 
-    Each rank pads to max(counts) rows so that one fixed-size gather works with gloo and NCCL;
-    gather (not all_gather) so that only rank 0 ever holds the whole set.
+    Rows travel in rounds of at most ``max_bytes`` per rank, so no device ever holds more
+    than one round's buffers (rank 0: one per rank); rank 0 collects them on the CPU. Each
+    rank pads a round to the same row count so that one fixed-size gather works with gloo
+    and NCCL; gather (not all_gather) so that only rank 0 ever holds the whole set.
     """
     if not is_distributed():
         return x
-    r, pad = rank(), max(counts)
+    r = rank()
     if x.shape[0] != counts[r]:
         raise ValueError(f"rank {r} has {x.shape[0]} rows, expected {counts[r]}")
-    padded = torch.zeros((pad, *x.shape[1:]), dtype=x.dtype, device=comm_device())
-    padded[:counts[r]] = x
-    bufs = [torch.empty_like(padded) for _ in counts] if r == 0 else None
-    torch_dist.gather(padded, bufs, dst=0)
+    row_bytes = max(1, math.prod(x.shape[1:]) * x.element_size())
+    per_round = max(1, max_bytes // row_bytes)
+    parts: list[list[torch.Tensor]] = [[] for _ in counts]
+    for lo in range(0, max(counts), per_round):
+        n = min(per_round, max(counts) - lo)
+        padded = torch.zeros((n, *x.shape[1:]), dtype=x.dtype, device=comm_device())
+        mine = x[lo:lo + n]
+        padded[:len(mine)] = mine.to(padded.device)
+        bufs = [torch.empty_like(padded) for _ in counts] if r == 0 else None
+        torch_dist.gather(padded, bufs, dst=0)
+        if r == 0:
+            for k, (buf, c) in enumerate(zip(bufs, counts, strict=True)):
+                parts[k].append(buf[:max(0, min(n, c - lo))].cpu())
     if r != 0:
         return None
-    return torch.cat([b[:c].cpu() for b, c in zip(bufs, counts, strict=True)])
+    return torch.cat([torch.cat(p) if p else x[:0].cpu() for p in parts])
 
 
 def barrier() -> None:
