@@ -262,7 +262,7 @@ def test_sigterm_to_torchrun_and_every_worker_saves_one_checkpoint(tmp_path):
             os.kill(pid, signal.SIGTERM)
         time.sleep(1.0)
         os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
+        print("torchrun exit status:", proc.wait(timeout=120))
     finally:
         if proc.poll() is None:
             proc.kill()
