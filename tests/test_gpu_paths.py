@@ -215,6 +215,22 @@ def test_non_finite_loss_under_a_scaler_is_still_bad(tmp_path, monkeypatch):
         T.train(cfg, tmp_path, resume=None, progress=False)
 
 
+def test_non_fused_adamw_skips_non_finite_steps_too(tmp_path, monkeypatch):
+    """Where PyTorch has no fused AdamW (the one-read-per-step fallback), a NaN step is still
+    skipped: weights, moments and step count untouched."""
+    _overflow_on_calls(monkeypatch, {1})  # step 2's gradient is infinite (no scaler here)
+    monkeypatch.setattr(T, "make_optimizer", lambda model, lr, weight_decay=0.0:
+                        torch.optim.AdamW(model.parameters(), lr=lr, foreach=True))
+    cfg = tiny_config(max_steps=3, checkpoint_every=1, log_every=1, keep_checkpoints=5)
+    T.train(cfg, tmp_path, resume=None, progress=False)
+    one, two = (load_checkpoint(tmp_path / "checkpoints" / f"step-000000{i}") for i in (1, 2))
+    assert two.trainer_state["skipped"] == 1 and two.trainer_state["overflow"] == 0
+    for k in one.model:
+        assert torch.equal(one.model[k], two.model[k])
+    assert one.trainer_tensors["optim.0.step"] == two.trainer_tensors["optim.0.step"] == 1
+    assert [int(r["skipped"]) for r in _metric_rows(tmp_path)] == [0, 1, 1]
+
+
 # ---- 4: CUDA RNG state -----------------------------------------------------------------------
 
 def test_rng_state_includes_cuda_on_a_cuda_device(monkeypatch):
@@ -478,6 +494,14 @@ def test_a_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch)
                 calls.append((_name, caller, sys._getframe(1).f_lineno))
             return _real(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, name, spy)
+    real_tensor = torch.tensor
+
+    def tensor_spy(*a, **k):  # on a GPU, torch.tensor(data) is a blocking host-to-device copy
+        caller = sys._getframe(1).f_code.co_filename
+        if caller.startswith(src):
+            calls.append(("torch.tensor", caller, sys._getframe(1).f_lineno))
+        return real_tensor(*a, **k)
+    monkeypatch.setattr(torch, "tensor", tensor_spy)
     for _ in range(3):
         trainer.step()
     monkeypatch.undo()

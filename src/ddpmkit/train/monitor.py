@@ -17,6 +17,11 @@ import torch
 TERMS = ("loss", "mse", "vb", "grad_norm")
 
 
+def _scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A float64 scalar made on the device by a fill kernel (no host-to-device copy)."""
+    return torch.full((), value, dtype=torch.float64, device=device)
+
+
 class LogWindow:
     """The metric row in progress: sums of per-step values and of per-example losses by
     timestep quartile, over the finished (not skipped) steps since the last row. Saved in
@@ -33,10 +38,11 @@ class LogWindow:
         """One step's values (device scalars; absent terms stay empty), if ``ok``."""
         device = self.sums.device
         ok = ok.to(device)
-        have = torch.tensor([k in values for k in TERMS], device=device)
+        # absent terms are NaN, and not counted (a fill kernel: torch.tensor would copy from
+        # the host, which waits for the GPU)
         vals = torch.stack([values[k].to(device, torch.float64) if k in values else
-                            torch.zeros((), dtype=torch.float64, device=device) for k in TERMS])
-        use = have & ok
+                            _scalar(math.nan, device) for k in TERMS])
+        use = ok & ~vals.isnan()
         self.sums += torch.where(use, vals, 0.0)
         self.counts += use.double()
         q = (t.to(device) * 4 // num_timesteps).clamp(max=3)
@@ -115,11 +121,9 @@ class StepHealth:
                                    self.counts[2] + overflow.long()])
         self.names = [k for k in TERMS if k in values]
         tripped = (run >= max_bad) & self.trip[0].isnan()
-        record = torch.stack([torch.tensor(float(step), dtype=torch.float64, device=device),
-                              self.counts[1].double(),
+        record = torch.stack([_scalar(float(step), device), self.counts[1].double(),
                               *[values[k].to(device, torch.float64) if k in values else
-                                torch.tensor(math.nan, dtype=torch.float64, device=device)
-                                for k in TERMS]])
+                                _scalar(math.nan, device) for k in TERMS]])
         self.trip = torch.where(tripped, record, self.trip)
 
     def read(self) -> tuple[int, int, Trip | None]:
