@@ -15,6 +15,7 @@ are saved per rank in checkpoints (:func:`rng_state`, :func:`set_rng_state`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -39,8 +40,9 @@ class ExampleDraws:
     """Per-example (uniforms [N, 2], noise [N, *shape]) on ``device``, keyed by stream index.
 
     Column 0 of the uniforms picks the timestep, column 1 the flip. One generator on the
-    device is re-seeded per example: seeding is host-side bookkeeping, and the draws are
-    kernels queued on the device, so nothing waits for the GPU.
+    device is re-seeded per example and fills that example's row of normals in one call (the
+    first two, through the normal CDF, become the uniforms): seeding is host-side
+    bookkeeping, and the draw a kernel queued on the device, so nothing waits for the GPU.
     """
 
     def __init__(self, seed: int, device: torch.device):
@@ -49,14 +51,13 @@ class ExampleDraws:
 
     def __call__(self, indices: Sequence[int], shape: Sequence[int]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(indices)
-        u = torch.empty((n, 2), device=self.device)
-        noise = torch.empty((n, *shape), device=self.device)
-        for j, index in enumerate(indices):
+        n, size = len(indices), math.prod(shape)
+        rows = torch.empty((n, 2 + size), device=self.device)
+        for row, index in zip(rows.unbind(0), indices, strict=True):
             self.gen.manual_seed(example_seed(self.seed, int(index)))
-            u[j].uniform_(generator=self.gen)
-            noise[j].normal_(generator=self.gen)
-        return u, noise
+            row.normal_(generator=self.gen)
+        u = torch.special.ndtr(rows[:, :2]).clamp_(max=1 - 2**-24)  # U[0, 1) by Phi(z)
+        return u, rows[:, 2:].view(n, *shape)
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
