@@ -262,7 +262,7 @@ def test_sigterm_to_torchrun_and_every_worker_saves_one_checkpoint(tmp_path):
             os.kill(pid, signal.SIGTERM)
         time.sleep(1.0)
         os.kill(proc.pid, signal.SIGTERM)
-        print("torchrun exit status:", proc.wait(timeout=120))
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -289,6 +289,7 @@ dist.destroy()
 """
 
 
+@pytest.mark.slow
 def test_gather_rows_in_rounds_keeps_dtype_and_order(tmp_path):
     script = tmp_path / "gather.py"
     script.write_text(GATHER)

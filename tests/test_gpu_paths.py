@@ -46,9 +46,10 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
 
 
 def _straight_and_resumed(tmp_path: Path, cfg: C.RunConfig) -> tuple:
-    """A straight 6-step run and a 3 + 3-step resumed one, same config."""
+    """A straight run of max_steps and one stopped at checkpoint_every and resumed."""
     full = T.train(cfg, tmp_path / "full", resume=None, progress=False)
-    part_cfg = cfg.replace(train=C.section_from_dict(C.TrainConfig, {"max_steps": 3}, cfg.train))
+    part_cfg = cfg.replace(train=C.section_from_dict(
+        C.TrainConfig, {"max_steps": cfg.train.checkpoint_every}, cfg.train))
     T.train(part_cfg, tmp_path / "part", resume=None, progress=False)
     resumed = T.train(cfg, tmp_path / "part", resume="auto", progress=False)
     return full, resumed
