@@ -544,3 +544,22 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
         assert f"| {status} " in line, line
     assert "step 4, loss 0." in table and "uint8 16x8x8x3" in table
     assert (tmp_path / "gc" / "summary.md").read_text().strip() == table.strip()
+
+
+# ---- 9: the SLURM recipe in docs/scaling.md ---------------------------------------------------
+
+def test_slurm_recipe_runs_on_any_allowed_torch_and_parses():
+    import re
+    import shlex
+
+    from ddpmkit.cli import build_parser
+    text = (REPO / "docs" / "scaling.md").read_text()
+    script = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "#SBATCH" in b)
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in script
+    # no torchrun flag that older torch (>= 2.3 is allowed) rejects
+    assert "--shutdown-timeout" not in script and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in script
+    command = " ".join(script.split("srun ", 1)[1].replace("\\\n", " ").split())
+    ddpmkit_args = shlex.split(command.split("-m ddpmkit ", 1)[1])
+    args, extra = build_parser().parse_known_args(ddpmkit_args)
+    assert args.command == "train" and extra == []
