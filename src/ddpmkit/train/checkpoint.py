@@ -39,7 +39,9 @@ from safetensors.torch import load_file, save_file
 from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError, DdpmkitError
 
-FORMAT_VERSION = 1
+# 2: training noise keyed per example (no "rng.generator"), "rng.cuda.rank{r}", the GradScaler
+# state and the overflow count; version 1 checkpoints still resume (their extra state is unused)
+FORMAT_VERSION = 2
 FILES = ("model.safetensors", "ema.safetensors", "trainer.safetensors", "config.json")
 
 
