@@ -634,9 +634,10 @@ def test_damaged_checkpoints_give_one_line(tmp_path, capsys, trained_run, damage
 
 
 @pytest.mark.parametrize("flags,needles", [
-    (["--timesteps", "50"], ["T = 40", "T = 50", "--timesteps"]),
-    (["--model-channels", "32"], ["does not fit this config's network", "size mismatch",
-                                  "--resume none"]),
+    (["--timesteps", "50"], ["was trained with other settings", "diffusion.timesteps 40 -> 50",
+                             "new --out"]),
+    (["--model-channels", "32"], ["was trained with other settings", "model.channels 16 -> 32",
+                                  "new --out"]),
 ])
 def test_resume_into_another_config_is_one_line(tmp_path, capsys, trained_run, flags,
                                                 needles):
@@ -768,17 +769,18 @@ def test_escaping_data_name_writes_nothing_outside(tmp_path, capsys, monkeypatch
         ["a", "a/b", "a/b/runs", "a/b/runs/evil", "a/b/runs/evil/.lock"]
 
 
-def test_dot_dot_data_name_trains_inside_runs(tmp_path, capsys, monkeypatch):
-    """``--data ../imgs/..`` is a real folder; its run still lands in ./runs/run, not in ./."""
+def test_dot_dot_data_name_is_refused_as_it_holds_the_run(tmp_path, capsys, monkeypatch):
+    """``--data ../imgs/..`` is a real folder (read recursively) that holds ./runs/run: the
+    run's pictures would become its own training data, so the start is refused, and nothing
+    is written anywhere."""
     _folder(tmp_path / "imgs", GOOD)
     cwd = tmp_path / "work"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     rc, _, err = cli(capsys, "train", "--data", "../imgs/..", "--config", "digits",
                      "--max-steps", "1", *STEP_FLAGS)
-    assert rc == 0, err
-    written = [p.relative_to(cwd).as_posix() for p in cwd.rglob("*") if p.is_file()]
-    assert written and all(w.startswith("runs/run/") for w in written), written
+    assert_one_error_line(rc, err, "--out runs/run lies in the data folder")
+    assert list(cwd.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "work"]
 
 

@@ -48,15 +48,17 @@ in Python, with diffusers installed:
 """
 
 
-def _int_at_least(low: int):
-    """An argparse type: an integer >= ``low`` (a bad count is a usage error, not a crash)."""
+def _int_at_least(low: int, high: int | None = None):
+    """An argparse type: an integer >= ``low`` (and <= ``high``): a bad count is a usage
+    error, not a crash, and a huge one is refused before it is allocated."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" + ("" if high is None else f" and <= {high}")
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {value}")
         return value
     parse.__name__ = f"integer >= {low}"
     return parse
@@ -78,24 +80,29 @@ def _add_tf32(p: argparse.ArgumentParser) -> None:
                         "(default: true; no effect on the CPU)")
 
 
-def _make_folder(folder: Path, what: str) -> None:
+def _seed(text: str) -> int:
+    """An argparse type: a seed in [0, 2**32 - 1] (torch's generators take no more)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # mkdir's words for "a file is in the way"
-        raise ConfigError(f"{what}: {folder} is a file, not a folder") from None
-    except OSError as e:
-        raise ConfigError(f"{what}: cannot create {folder}: {e.strerror or e}") from None
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= C.LIMITS["seed"]:
+        raise argparse.ArgumentTypeError(f"must be in [0, {C.LIMITS['seed']}], got {value}")
+    return value
 
 
-def _output_file(path: str, suffixes: tuple[str, ...]) -> Path:
-    """Check an output file's name and folder before any work, not after an hour of it."""
-    out = Path(path)
-    if out.suffix not in suffixes:
-        raise ConfigError(f"--out {out}: use a {' or '.join(suffixes)} file name")
-    _make_folder(out.parent, f"--out {out}")
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give a file name")
-    return out
+def _data_folder(cfg: C.DataConfig) -> Path | None:
+    """The data's path (folder or file) for the output checks; None for a built-in set."""
+    from .data import data_path
+    return data_path(cfg.name)
+
+
+def _write_npz(out: Path, **arrays) -> None:
+    """An .npz through a fresh temporary file and a rename (never through a link)."""
+    import numpy as np
+
+    from .outputs import atomic_write
+    atomic_write(out, lambda f: np.savez(f, **arrays))
 
 
 def _data_config(run, name: str | None) -> C.DataConfig:
@@ -126,8 +133,10 @@ def _base_config(args) -> C.RunConfig:
     return C.RUN_PRESETS[C.default_preset_for(data_name or "digits")]
 
 
-def config_from_args(args) -> C.RunConfig:
-    base = _base_config(args)
+def config_from_args(args, base: C.RunConfig | None = None) -> C.RunConfig:
+    """The run's config: ``base`` (default: --config, or the preset for --data) and the flags
+    typed on the command line."""
+    base = base if base is not None else _base_config(args)
     overrides = {}
     for section, cls in C.SECTIONS.items():
         prefix = "sample_" if section == "sample" else ""
@@ -149,15 +158,31 @@ def default_run_dir(data_name: str) -> Path:
     return Path("runs") / (name or "run")
 
 
+def _resumed_config(args, out: Path) -> C.RunConfig | None:
+    """The config of the checkpoint a resume will continue, when no --config is given: the
+    flags typed now then change only what they name (and the trainer checks those changes)."""
+    from .train.checkpoint import find_checkpoint, list_checkpoints, read_config
+    if args.config or args.resume == "none":
+        return None
+    if args.resume == "auto":
+        found = list_checkpoints(out) if out.is_dir() else []
+        return read_config(found[-1]) if found else None
+    return read_config(find_checkpoint(args.resume))
+
+
 def cmd_train(args) -> int:
     from .train.trainer import train
 
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else default_run_dir(cfg.data.name)
+    base = _resumed_config(args, out)
+    if base is not None:
+        cfg = config_from_args(args, base)
     from . import dist
     dist.print0("config:\n" + C.to_toml(cfg))
     resume = None if args.resume == "none" else args.resume
-    result = train(cfg, out, resume=resume, progress=not args.no_progress)
+    result = train(cfg, out, resume=resume, progress=not args.no_progress,
+                   overwrite=args.overwrite, allow_changes=args.allow_changes)
     dist.print0(f"run folder: {result.run_dir}  (samples.png, loss.png, metrics.csv, "
                 f"checkpoints/)")
     return 0
@@ -172,12 +197,15 @@ def cmd_sample(args) -> int:
     from . import dist, viz
     from .data import to_uint8
     from .load import clip_denoised_for, load
+    from .outputs import check_output
     from .runtime import set_tf32
     from .sampling import sample
 
-    _output_file(args.out, (".png", ".npz"))
+    out = check_output(args.out, suffixes=(".png", ".npz"))
     set_tf32(args.tf32)
     run = load(args.checkpoint, device=args.device, use_ema=not args.raw_weights)
+    check_output(out, suffixes=(".png", ".npz"), data=_data_folder(run.config.data),
+                 writable=False)
     sc = C.section_from_dict(C.SampleConfig, C.flags_to_dict(args, C.SampleConfig),
                              base=run.config.sample)
     dist.init_process_group(run.device)
@@ -216,20 +244,15 @@ def cmd_sample(args) -> int:
     gathered = [s for o in owned for s in o]
     pieces = dict(zip(gathered, torch.split(x, [size(s) for s in gathered]), strict=True))
     x = torch.cat([pieces[s] for s in starts])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npz":
-        arr = x.numpy() if image else x.numpy().astype(np.float32)
-        tmp = out.with_name(f".{out.name}.tmp.npz")
-        np.savez(tmp, arr_0=arr)
-        tmp.replace(out)
-    elif out.suffix == ".png":
+    if out.suffix.lower() == ".npz":
+        _write_npz(out, arr_0=x.numpy() if image else x.numpy().astype(np.float32))
+    elif out.suffix.lower() == ".png":
         if image:  # uint8 -> [-1, 1] floats that the grid maps back to the same bytes
             viz.save_image_grid(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0, out)
         else:
             viz.plot_points(x, out, title=f"{sc.num} samples ({sc.sampler})")
     else:
-        raise ConfigError(f"--out {out}: use a .png (grid) or .npz (arrays) file name")
+        viz.plot_points(x, out, title=f"{sc.num} samples ({sc.sampler})")
     print(f"wrote {sc.num} samples ({sc.sampler}, {sc.steps or run.diffusion.num_timesteps} "
           f"steps) to {out}")
     return 0
@@ -265,6 +288,8 @@ def cmd_eval(args) -> int:
     set_tf32(args.tf32)
     run = load(args.checkpoint, device=args.device)
     data_cfg = _data_config(run, args.data)
+    if not args.data:
+        _check_same_data(data_cfg)
     data = load_data(data_cfg, args.split)
     if data.kind != run.kind or (data.kind == "image" and data.shape != run.data_shape):
         raise ConfigError(f"data {data_cfg.name!r} of shape {data.shape} does not fit this "
@@ -298,6 +323,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_same_data(data_cfg: C.DataConfig) -> None:
+    """Warn when the data at the run's (absolute) data path is not what it was trained on."""
+    from .data import DataWarning, data_path, fingerprint
+    path = data_path(data_cfg.name)
+    if path is None or not data_cfg.fingerprint or not path.exists():
+        return
+    now = fingerprint(str(path))
+    if now != data_cfg.fingerprint:
+        warnings.warn(DataWarning(f"the data at {path} has changed since this model was trained "
+                                  f"({data_cfg.fingerprint} then, {now} now): the figures are "
+                                  "for other data"), stacklevel=2)
+
+
 def _term(value: float) -> str:
     """A bound term: 4 decimals, or 3 significant digits when it is below 1e-3 but not zero
     (L_0 for 17-level digits on the cosine schedule is ~1e-19 bits/dim, not 0.0000)."""
@@ -309,9 +347,9 @@ def _term(value: float) -> str:
 def cmd_show(args) -> int:
     from .data import load_data
     from .load import build_diffusion, load
+    from .outputs import check_output
 
-    out = Path(args.out)
-    _make_folder(out, "--out")
+    out = check_output(args.out)
     written: list[Path] = []
     if args.checkpoint:
         run = load(args.checkpoint, device=args.device)
@@ -326,6 +364,7 @@ def cmd_show(args) -> int:
         diffusion = build_diffusion(cfg)
         run = None
     if data_cfg is not None:
+        check_output(out, data=_data_folder(data_cfg), writable=False)
         _show_forward(diffusion, load_data(data_cfg, "test"), args, out, written)
     else:
         print("no data set for forward.png (the model names none): pass --data to draw it")
@@ -400,13 +439,16 @@ def cmd_encode(args) -> int:
     from . import viz
     from .data import load_data
     from .load import clip_denoised_for, load
+    from .outputs import check_output
     from .sampling import ddim_reconstruct
 
-    _make_folder(Path(args.out).parent, f"--out {args.out}")  # before the work, not after
+    out = check_output(args.out, suffixes=(".png", ".npz"))  # before the work, not after
     run = load(args.checkpoint, device=args.device)
     if run.kind != "image":
         raise ConfigError("encode works on image models")
-    x0 = load_data(_data_config(run, args.data), args.split).x[:args.num].to(run.device)
+    data_cfg = _data_config(run, args.data)
+    check_output(out, suffixes=(".png", ".npz"), data=_data_folder(data_cfg), writable=False)
+    x0 = load_data(data_cfg, args.split).x[:args.num].to(run.device)
     if tuple(x0.shape[1:]) != run.data_shape:
         raise ConfigError(f"images of shape {tuple(x0.shape[1:])} do not fit this model "
                           f"({run.data_shape})")
@@ -417,11 +459,8 @@ def cmd_encode(args) -> int:
     print(f"DDIM inversion over {args.steps} steps of {x0.shape[0]} images: reconstruction "
           f"RMSE {rmse:.4f}, max abs error {float(err.max()):.4f} (data range [-1, 1]); "
           f"x_T std {float(x_T.std()):.3f} (1 for a perfect Gaussian code)")
-    out = Path(args.out)
-    if out.suffix == ".npz":
-        import numpy as np
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, x_T=x_T.float().cpu().numpy())
+    if out.suffix.lower() == ".npz":
+        _write_npz(out, x_T=x_T.float().cpu().numpy())
     else:
         viz.save_strip([x0.cpu(), x_T.clamp(-3, 3).div(3).cpu(), recon.cpu()], out,
                        labels=["x_0", "x_T", "recon"])
@@ -434,8 +473,11 @@ def cmd_encode(args) -> int:
 def cmd_export(args) -> int:
     from .interop import check_export_target, export_pipeline
     from .load import load
+    from .outputs import check_output, check_writable
 
+    check_output(args.out, writable=False)  # not inside a checkpoint or a run's checkpoints/
     out = check_export_target(args.out, args.checkpoint, force=args.force)
+    check_writable(out.parent)
     run = load(args.checkpoint, device="cpu", use_ema=not args.no_ema)
     if run.kind != "image":
         raise ConfigError(f"{run.path} is a 2-D point model (an MLP); diffusers' pipelines "
@@ -477,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (newest checkpoint in --out, else a fresh start), none, or a "
                         "checkpoint folder or run folder (its newest checkpoint); rank 0 "
                         "resolves it for all ranks (default: auto)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --resume none (or a checkpoint from elsewhere): move the run "
+                        "already in --out aside into --out/replaced-<time>/ and start there")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="resume even with changed data, dropout, loss, seed or timestep "
+                        "sampler (the network, diffusion and data shape can never change)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(p)
     for section, cls in C.SECTIONS.items():
@@ -511,9 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="allow --levels that differs from the data")
     p.add_argument("--max-examples", type=_int_at_least(1),
                    help="evaluate only the first N examples")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=1000,
+    p.add_argument("--batch-size", type=_int_at_least(1, C.LIMITS["batch_size"]), default=1000,
                    help="network batch (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="noise seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
     _add_tf32(p)
@@ -528,11 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data set for the forward process (default: "
                    "the checkpoint's, else digits)")
     p.add_argument("--out", default="show", help="output folder (default: show)")
-    p.add_argument("--num", type=_int_at_least(1), default=8,
+    p.add_argument("--num", type=_int_at_least(1, 1000), default=8,
                    help="rows (examples) (default: 8)")
-    p.add_argument("--frames", type=_int_at_least(2), default=9,
+    p.add_argument("--frames", type=_int_at_least(2, 1000), default=9,
                    help="columns in the strips (default: 9)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto")
     _add_common(p)
     p.set_defaults(func=cmd_show)
@@ -544,8 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data", help="images to encode (default: the run's data set)")
     p.add_argument("--split", default="test", choices=("test", "train"))
-    p.add_argument("--num", type=_int_at_least(1), default=16, help="images (default: 16)")
-    p.add_argument("--steps", type=_int_at_least(1), default=100,
+    p.add_argument("--num", type=_int_at_least(1, C.LIMITS["samples"]), default=16,
+                   help="images (default: 16)")
+    p.add_argument("--steps", type=_int_at_least(1, C.LIMITS["timesteps"]), default=100,
                    help="DDIM steps (default: 100)")
     p.add_argument("--out", default="encode.png",
                    help="strip .png (x_0 | x_T | recon) or .npz of x_T (default: encode.png)")
@@ -608,6 +657,15 @@ def _flag_hint(parser: argparse.ArgumentParser, command: str | None, extra: list
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``ddpmkit`` command; returns the exit status (a Ctrl-C at any moment: 130)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # what parse_args would say, plus a did-you-mean
@@ -616,10 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    if args.command in ("train", "sample", "eval", "encode"):
-        from .runtime import tune_allocator
-        tune_allocator()  # ~1.1x faster CPU steps; DDPMKIT_TUNE_MALLOC=0 opts out
     try:
+        if args.command in ("train", "sample", "eval", "encode"):
+            from .runtime import tune_allocator
+            tune_allocator()  # ~1.1x faster CPU steps; DDPMKIT_TUNE_MALLOC=0 opts out
         with _tidy_warnings(args.debug):
             return args.func(args)
     except DdpmkitError as e:

@@ -33,6 +33,27 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 TIMESTEP_SAMPLERS = ("uniform", "loss_aware")
 POINT_SETS = ("moons", "swissroll", "8gaussians", "checkerboard", "circles")
 
+# Sizes refused before anything is built or allocated (README, "Your data is safe"): a config
+# file or a checkpoint's config.json must not be able to ask for tens of GB. The network's
+# parameter count is checked too, on the meta device (ddpmkit.nn.build_model).
+LIMITS = {
+    "timesteps": 100_000,          # T; each schedule buffer is T float64 values
+    "image_size": 4096,            # data and network side length
+    "image_channels": 64,          # network in/out channels
+    "model_channels": 8192,        # base width
+    "channel_mult": 64,            # each multiplier ...
+    "levels": 10,                  # ... and at most this many resolution levels
+    "num_res_blocks": 64,
+    "num_heads": 1024,
+    "feature_map": 1 << 28,        # channels * image_size^2 of one example's first feature map
+    "num_points": 100_000_000,
+    "batch_size": 1_000_000,
+    "grad_accum": 100_000,
+    "samples": 10_000_000,
+    "seed": (1 << 32) - 1,
+}
+MAX_PARAMETERS = 2_000_000_000     # network parameters (8 GB of float32 weights)
+
 
 def _show(value: Any, limit: int = 60) -> str:
     """repr() for messages, shortened, so a pasted blob still makes a one-line error."""
@@ -61,6 +82,17 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}={_show(value)} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def _at_most(name: str, value: int, limit_name: str) -> None:
+    limit = LIMITS[limit_name]
+    if value > limit:
+        raise ConfigError(f"{name}={_show(value)} is above ddpmkit's limit of {limit:,}")
+
+
+def _seed(name: str, value: int) -> None:
+    if not 0 <= value <= LIMITS["seed"]:
+        raise ConfigError(f"{name}={_show(value)} must be in [0, {LIMITS['seed']}]")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = field(default="digits", metadata=_help(
@@ -73,12 +105,16 @@ class DataConfig:
     bad_files: str = field(default="skip", metadata=_help(
         "unreadable files in an image folder: 'skip' (warn and count) or 'fail'"))
     num_points: int = field(default=20000, metadata=_help("training points for the 2-D sets"))
+    fingerprint: str = field(default="", metadata=_help(
+        "content fingerprint of the data folder or file, set when a run starts", cli=False))
 
     def __post_init__(self) -> None:
         _positive("image_size", self.image_size, allow_zero=True)
+        _at_most("image_size", self.image_size, "image_size")
         _choice("channels", self.channels, (0, 1, 3))
         _choice("bad_files", self.bad_files, ("skip", "fail"))
         _positive("num_points", self.num_points)
+        _at_most("num_points", self.num_points, "num_points")
 
     @property
     def is_points(self) -> bool:
@@ -122,6 +158,13 @@ class ModelConfig:
         _positive("out_channels", self.out_channels, allow_zero=True)
         if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
             raise ConfigError(f"channel_mult={_show(self.channel_mult)} must be positive integers")
+        for name, limit in (("image_size", "image_size"), ("in_channels", "image_channels"),
+                            ("out_channels", "image_channels"), ("channels", "model_channels"),
+                            ("num_res_blocks", "num_res_blocks"), ("num_heads", "num_heads")):
+            _at_most(name, getattr(self, name), limit)
+        _at_most("channel_mult", max(self.channel_mult), "channel_mult")
+        _at_most("number of levels in channel_mult", len(self.channel_mult), "levels")
+        _at_most("channels * image_size^2", self.channels * self.image_size ** 2, "feature_map")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={_show(self.dropout)} must be in [0, 1)")
 
@@ -146,6 +189,7 @@ class DiffusionConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         if not isinstance(self.timesteps, int) or self.timesteps < 1:
             raise ConfigError(f"timesteps={_show(self.timesteps)} must be an integer >= 1")
+        _at_most("timesteps", self.timesteps, "timesteps")
         if self.schedule == "custom":
             if len(self.betas) != self.timesteps:
                 raise ConfigError(f"schedule='custom' needs betas with timesteps="
@@ -209,6 +253,9 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_steps", "max_steps", "max_minutes", "grad_clip",
                      "ema_half_life", "ema_rampup", "sample_every"):
             _positive(name, getattr(self, name), allow_zero=True)
+        _at_most("batch_size", self.batch_size, "batch_size")
+        _at_most("grad_accum", self.grad_accum, "grad_accum")
+        _seed("seed", self.seed)
         _choice("lr_decay", self.lr_decay, ("none", "cosine"))
         _choice("precision", self.precision, PRECISIONS)
         _choice("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
@@ -236,6 +283,10 @@ class SampleConfig:
         _positive("steps", self.steps, allow_zero=True)
         _positive("num", self.num)
         _positive("batch_size", self.batch_size)
+        _at_most("num", self.num, "samples")
+        _at_most("batch_size", self.batch_size, "batch_size")
+        _at_most("steps", self.steps, "timesteps")
+        _seed("seed", self.seed)
         if not 0.0 <= self.eta <= 1.0:
             raise ConfigError(f"eta={_show(self.eta)} must be in [0, 1]")
         if self.spacing not in SPACINGS:
@@ -296,6 +347,8 @@ class RunConfig:
             d = json.loads(text)
         except ValueError as e:  # JSONDecodeError, or an integer too long to convert
             raise ConfigError(f"config is not valid JSON: {_show(str(e), 200)}") from None
+        except RecursionError:
+            raise ConfigError("config is nested too deeply to be a config") from None
         return cls.from_dict(d)
 
     @classmethod
@@ -310,18 +363,17 @@ class RunConfig:
             raise ConfigError(f"config file {path} is not UTF-8 text: {e.reason} at byte "
                               f"{e.start}") from None
         # ValueError covers the decode errors and integers too long to convert.
-        if path.suffix == ".json":
-            try:
-                d = json.loads(text)
-            except ValueError as e:
-                raise ConfigError(f"{path} is not valid JSON: {_show(str(e), 200)}") from None
-        else:
-            toml = _tomllib()
-            try:
-                d = toml.loads(text)
-            except ValueError as e:
-                raise ConfigError(f"{path} is not valid TOML: {_show(str(e), 200)}") from None
-        return cls.from_dict(d, base=base)
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        try:
+            d = json.loads(text) if kind == "JSON" else _tomllib().loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{path} is not valid {kind}: {_show(str(e), 200)}") from None
+        except RecursionError:  # "[[[[..." : the parsers recurse once per level
+            raise ConfigError(f"{path} is nested too deeply to be a config") from None
+        try:
+            return cls.from_dict(d, base=base)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def replace(self, **sections: Any) -> RunConfig:
         return dataclasses.replace(self, **sections)
@@ -421,6 +473,39 @@ def section_from_dict(cls: type, d: Any, base: Any = None, where: str = "") -> A
         return dataclasses.replace(base, **values)
     except TypeError as e:  # pragma: no cover - guarded above
         raise ConfigError(str(e)) from None
+
+
+# ---- resuming: which settings may change ---------------------------------------------------
+
+# The weights mean nothing under other values of these (the network, the diffusion, the data's
+# shape, which fills the network's in/out channels and size): a resume never changes them.
+FIXED_ON_RESUME = frozenset({
+    "model.arch", "model.channels", "model.channel_mult", "model.num_res_blocks",
+    "model.attention_resolutions", "model.num_heads", "model.groups", "model.in_channels",
+    "model.out_channels", "model.image_size", "diffusion.schedule", "diffusion.timesteps",
+    "diffusion.betas", "diffusion.prediction", "diffusion.variance"})
+# These change what the run learns from: only with --allow-changes. Everything else
+# (learning rate, batch, budgets, logging, sampling, device, precision) changes freely on a
+# resume, and is printed.
+GUARDED_ON_RESUME = frozenset({
+    "data.name", "data.fingerprint", "data.flip", "data.num_points", "model.dropout",
+    "diffusion.loss", "diffusion.hybrid_lambda", "train.seed", "train.timestep_sampler"})
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
+    """``[("section.field", old value, new value), ...]`` for every field that differs."""
+    changes = []
+    for section in SECTIONS:
+        a, b = getattr(old, section), getattr(new, section)
+        for f in fields(a):
+            if getattr(a, f.name) != getattr(b, f.name):
+                changes.append((f"{section}.{f.name}", getattr(a, f.name), getattr(b, f.name)))
+    return changes
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    """``"diffusion.timesteps 40 -> 50, ..."`` (values shortened to keep one line)."""
+    return ", ".join(f"{k} {_show(a, 40)} -> {_show(b, 40)}" for k, a, b in changes)
 
 
 # ---- command-line flags derived from the dataclasses -------------------------------------

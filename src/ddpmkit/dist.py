@@ -62,7 +62,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise ConfigError(f"device={name!r} is not a device name (auto, cpu, cuda, cuda:N)") \
             from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        # torch names more device types (meta, xla, lazy, hpu, ...) than ddpmkit runs on
+        raise ConfigError(f"device={name!r} cannot run ddpmkit; use auto, cpu, cuda or cuda:N")
     if device.type != "cuda":
+        try:
+            torch.empty(1, device=device)  # a name torch accepts but this build cannot use
+        except Exception as e:  # RuntimeError, AssertionError, ... depending on the backend
+            first = str(e).splitlines()[0][:150] if str(e) else type(e).__name__
+            raise ConfigError(f"device={name!r} cannot be used here: {first}") from None
         return device
     if not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available on this machine")

@@ -576,6 +576,8 @@ def sample(model: Model, diffusion: GaussianDiffusion, shape: Sequence[int],
             return _ancestral(model, kept, x, draw, post, callback)
         return _ddim(model, kept, x, draw, float(eta), post, callback)
     calls = steps or diffusion.num_timesteps
+    if diffusion.num_timesteps == 1:  # one noise level: the ODE has no span, one call is exact
+        calls = 1
     if method == "heun":
         return _heun(model, diffusion, x, calls, time_mapping, post, callback)
     return _dpm_solver_pp(model, diffusion, x, calls, 2 if method == "dpm++2m" else 3,

@@ -13,12 +13,10 @@ stays fast and no global backend state is touched.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import ConfigError, DataError
+from .outputs import atomic_write
 
 __all__ = [
     "make_grid",
@@ -156,34 +155,11 @@ def _frames_to_uint8(frames: Any) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- file writing
 
 
-def _file_mode() -> int:
-    """Permissions a plain ``open(path, "w")`` would give (mkstemp uses 0600)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o644
-
-
 def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Through a fresh temporary file and a rename: a link at ``path`` is replaced, never
+    followed (:func:`ddpmkit.outputs.atomic_write`)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, write)
 
 
 def _save_png(img: Image.Image, path: PathLike) -> Path:

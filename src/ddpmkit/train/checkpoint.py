@@ -27,6 +27,7 @@ import errno
 import json
 import os
 import pickle
+import secrets
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import RunConfig
-from ..errors import CheckpointError, ConfigError, DdpmkitError
+from ..errors import CheckpointError, ConfigError
+from ..outputs import refuse_link, write_text_atomic
 
 # 2: training noise keyed per example (no "rng.generator"), "rng.cuda.rank{r}", the GradScaler
 # state and the overflow count; version 1 checkpoints still resume (their extra state is unused)
@@ -88,18 +90,9 @@ def _space_hint(e: BaseException) -> str:
 
 
 def write_json_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise DdpmkitError(f"cannot write {path}: {_io_reason(e)}{_space_hint(e)}") from None
+    """Write ``text`` to ``path`` through a fresh temporary file and a rename (a link at
+    ``path`` is replaced, never followed: :func:`ddpmkit.outputs.atomic_write`)."""
+    write_text_atomic(path, text)  # an I/O failure is a DdpmkitError naming the path
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: dict[str, torch.Tensor],
@@ -112,12 +105,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model: dict[str, torch.Tenso
     """
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    # Unique per process and call; mkdir never reuses (or follows) anything already there.
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}-{secrets.token_hex(4)}"
     old = root / f".old-step-{step:07d}-{os.getpid()}"
     try:
+        refuse_link(root, "checkpoints")
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
         tmp.mkdir()
         state = dict(trainer_state, step=step, format_version=FORMAT_VERSION)
         save_file(_contiguous(model), tmp / "model.safetensors")
@@ -180,8 +173,8 @@ def prune(root: Path, keep: int) -> None:
     renames of a same-step re-save) is the only copy of that step: it is put back instead.
     """
     for p in root.iterdir():
-        if p.name.startswith((".tmp-step-", ".old-step-")) and not p.name.endswith(
-                f"-{os.getpid()}"):
+        mine = p.name.endswith(f"-{os.getpid()}") or f"-{os.getpid()}-" in p.name
+        if p.name.startswith((".tmp-step-", ".old-step-")) and not mine:
             restored = root / p.name[len(".old-"):].rsplit("-", 1)[0]
             if p.name.startswith(".old-step-") and not restored.exists():
                 with contextlib.suppress(OSError):
@@ -190,7 +183,8 @@ def prune(root: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
     done = list_checkpoints(root.parent)
     for p in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+        if not p.is_symlink():  # a link is not this run's to delete
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -223,19 +217,24 @@ def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             raise CheckpointError(f"{path}: tensor {k!r} contains NaN or infinite values")
 
 
-def load_checkpoint(path: str | Path, with_trainer: bool = True) -> Checkpoint:
-    """Read a checkpoint (or a run folder's newest); every problem is a CheckpointError."""
-    path = find_checkpoint(path)
-    config_path = path / "config.json"
+def read_config(path: Path) -> RunConfig:
+    """The ``config.json`` of checkpoint folder ``path``; every problem is a CheckpointError."""
+    config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} is missing: cannot know the network's shape")
     try:
-        config = RunConfig.from_json(config_path.read_text(encoding="utf-8"))
+        return RunConfig.from_json(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_path} is not a readable config file: "
                               f"{_io_reason(e)}") from None
     except ConfigError as e:
         raise CheckpointError(f"{config_path}: {e}") from None
+
+
+def load_checkpoint(path: str | Path, with_trainer: bool = True) -> Checkpoint:
+    """Read a checkpoint (or a run folder's newest); every problem is a CheckpointError."""
+    path = find_checkpoint(path)
+    config = read_config(path)
     ema = _load_tensors(path / "ema.safetensors")
     model = _load_tensors(path / "model.safetensors")
     _check_finite(path / "ema.safetensors", ema)

@@ -14,7 +14,6 @@ waits for the device: figures are read once per log row (train/monitor.py).
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import math
 import os
@@ -29,8 +28,14 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..config import RunConfig
-from ..data import Dataset, load_data
+from ..config import (
+    FIXED_ON_RESUME,
+    GUARDED_ON_RESUME,
+    RunConfig,
+    config_changes,
+    describe_changes,
+)
+from ..data import Dataset, data_path, fingerprint, load_data
 from ..diffusion import GaussianDiffusion
 from ..errors import CheckpointError, ConfigError, DdpmkitError
 from ..load import (  # noqa: F401  LoadedRun and load_for_inference moved to ddpmkit.load
@@ -41,7 +46,9 @@ from ..load import (  # noqa: F401  LoadedRun and load_for_inference moved to dd
     state_dict_mismatch,
 )
 from ..nn import build_model
+from ..outputs import check_output, check_writable, open_nofollow
 from ..runtime import set_tf32, tune_allocator
+from . import run_dir
 from .checkpoint import find_checkpoint as find_checkpoint_folder
 from .checkpoint import (
     incomplete_checkpoints,
@@ -138,13 +145,10 @@ class _Stop:
 
 def _check_writable(out: Path) -> None:
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"x" * 4096)
-        probe.unlink()
-    except OSError as e:
-        raise DdpmkitError(f"cannot write to the output folder {out}: {e.strerror or e}") \
-            from None
+        check_writable(out)
+    except ConfigError as e:
+        raise ConfigError(f"cannot write to the output folder {out}: "
+                          f"{str(e).rpartition(': ')[2]}") from None
 
 
 def _check_disk_space(out: Path, model: nn.Module, keep: int) -> None:
@@ -262,43 +266,25 @@ def _lr_at(cfg, step: int) -> float:
     return tc.lr
 
 
+def _count(state: dict, key: str, default: int) -> int:
+    """A non-negative integer of the saved trainer state (a tampered one raises ValueError)."""
+    value = state.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 62:
+        raise ValueError(f"{key}={str(value)[:40]} is not a count")
+    return value
+
+
 def _dropout_seed(seed: int, rank: int, step: int) -> int:
     """A fresh dropout seed for a rank that has no saved RNG state (start, or more ranks)."""
-    return (seed * 1_000_003 + rank) * 1_000_033 + step
+    return ((seed * 1_000_003 + rank) * 1_000_033 + step) % (1 << 63)  # manual_seed's range
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric rows past the checkpoint so the CSV matches the run.
-
-    A row cut short by a kill (fewer fields than the header) is dropped too, and the file is
-    rewritten through a temporary file, so a kill during the rewrite loses nothing.
-    """
-    if not path.exists():
-        return
-    try:
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and
-                    int(r["step"]) <= step and None not in r.values() and None not in r]
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DdpmkitError(f"cannot rewrite {path} on resume: {e}; move it away to start a "
-                           "fresh metrics file") from None
 
 
 def _append_metrics(path: Path, row: dict) -> None:
     """One row onto metrics.csv (header first); a full disk is a one-line error."""
     try:
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        run_dir.append_row(path, row, METRIC_FIELDS)
     except OSError as e:
         raise DdpmkitError(f"cannot write {path}: {e.strerror or e}") from None
 
@@ -319,7 +305,8 @@ class _RunDirLock:
             import fcntl
         except ImportError:
             return
-        f = open(out / ".lock", "a+")  # held open for the whole run: closing unlocks
+        # held open for the whole run (closing unlocks); never through a link
+        f = os.fdopen(open_nofollow(out / ".lock", os.O_RDWR | os.O_CREAT, "the lock"), "r+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -341,29 +328,37 @@ class _RunDirLock:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, resume: str | None = "auto",
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, overwrite: bool = False,
+          allow_changes: bool = False) -> TrainResult:
     """Train per ``cfg`` into ``out_dir``; ``resume`` is "auto", None or a checkpoint path.
 
     Tunes this process's allocator first (:func:`ddpmkit.runtime.tune_allocator`: freed memory
     stays in the process; ``DDPMKIT_TUNE_MALLOC=0`` opts out). ``out_dir`` is locked for the
-    run: a second trainer on the same folder stops with a ConfigError.
+    run: a second trainer on the same folder stops with a ConfigError. What a start does to
+    an earlier run in ``out_dir`` (refused, moved aside with ``overwrite``, branched) is
+    described in :mod:`ddpmkit.train.run_dir`; ``allow_changes`` lets a resume change the
+    settings that alter what the run learns (:data:`ddpmkit.config.GUARDED_ON_RESUME`).
     """
     out = Path(out_dir)
     lock = None
     if dist.is_main():  # before the process group exists: reads RANK from the environment
+        check_output(out, data=data_path(cfg.data.name), writable=False)
         _check_writable(out)
         lock = _RunDirLock(out)
+        run_dir.check_start(out, resume, overwrite)
     try:
-        return _train(cfg, out, resume, progress)
+        return _train(cfg, out, resume, progress, allow_changes)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: RunConfig, out: Path, resume: str | None, progress: bool) -> TrainResult:
+def _train(cfg: RunConfig, out: Path, resume: str | None, progress: bool,
+           allow_changes: bool) -> TrainResult:
     t_start = time.time()
     tune_allocator()
     trainer = _Trainer(cfg, out, t_start)
+    trainer.allow_changes = allow_changes
     trainer.restore(trainer.find_checkpoint(resume), resume)
     trainer.announce()
     return trainer.run(progress)
@@ -392,6 +387,10 @@ class _Trainer:
         self.rank, self.world = dist.rank(), dist.world_size()
 
         self.data = load_data(cfg.data, "train")
+        path = data_path(cfg.data.name)
+        if path is not None:  # absolute, fingerprinted: eval from elsewhere checks the same data
+            cfg = cfg.replace(data=dataclasses.replace(
+                cfg.data, name=str(path), fingerprint=fingerprint(str(path))))
         self.cfg = cfg = resolve_config(cfg, self.data)
         tc = cfg.train
         if self.data.skipped:
@@ -415,6 +414,7 @@ class _Trainer:
         self.skipped_total = self.overflow_total = 0  # as last read from self.health
         self.last_loss = torch.full((), math.nan, device=self.device)
         self.last_ckpt: Path | None = None
+        self.allow_changes = False  # resume despite GUARDED_ON_RESUME changes (see train())
 
     def _build_model(self) -> None:
         tc = self.cfg.train
@@ -484,7 +484,8 @@ class _Trainer:
 
     def restore(self, ckpt_path: str | Path | None, resume: str | None) -> None:
         """Load weights, EMA, optimizer, RNG states and counters from a checkpoint, or say
-        that a new run starts; then write the resolved config.json."""
+        that a new run starts (an earlier run's leftovers move aside: run_dir.py); then write
+        the resolved config.json."""
         if ckpt_path is None:
             dist.print0(f"starting a new run in {self.out}")
             broken = incomplete_checkpoints(self.out) if resume == "auto" and dist.is_main() \
@@ -493,13 +494,43 @@ class _Trainer:
                 dist.print0(f"ignoring {len(broken)} incomplete checkpoint folder(s) in "
                             f"{self.out / 'checkpoints'} (e.g. {broken[-1].name}: files are "
                             "missing)")
+            if dist.is_main():
+                self._move_old_run_aside()
         else:
             self._restore_from(load_checkpoint(ckpt_path))
         if dist.is_main():
             write_json_atomic(self.out / "config.json", self.cfg.to_json())
 
+    def _move_old_run_aside(self) -> None:
+        moved = run_dir.move_old_run_aside(self.out)
+        if moved is not None:
+            dist.print0(f"moved the earlier run's files ({', '.join(sorted(os.listdir(moved)))}) "
+                        f"to {moved}")
+
+    def _check_settings(self, ckpt) -> None:
+        """Refuse a resume under settings the weights were not trained with (one line)."""
+        old = ckpt.config
+        path = data_path(old.data.name)  # an old run's relative path means the current folder
+        if path is not None:
+            old = old.replace(data=dataclasses.replace(old.data, name=str(path)))
+        changes = [c for c in config_changes(old, self.cfg)
+                   if not (c[0] == "data.fingerprint" and not c[1])]  # none saved: no verdict
+        fixed = [c for c in changes if c[0] in FIXED_ON_RESUME]
+        if fixed:
+            raise CheckpointError(
+                f"{ckpt.path} was trained with other settings: {describe_changes(fixed)}; the "
+                "network, the diffusion and the data's shape must match to resume: use the "
+                "checkpoint's values, or train into a new --out")
+        guarded = [c for c in changes if c[0] in GUARDED_ON_RESUME]
+        if guarded and not self.allow_changes:
+            raise ConfigError(
+                f"resuming {ckpt.path} with {describe_changes(guarded)} changes what the run "
+                "learns from; pass --allow-changes to do it anyway, or train into a new --out")
+        if changes:
+            dist.print0(f"resuming with changed settings: {describe_changes(changes)}")
+
     def _restore_from(self, ckpt) -> None:
-        tc = self.cfg.train
+        self._check_settings(ckpt)
         try:
             self.model.load_state_dict(ckpt.model)
         except RuntimeError as e:
@@ -507,43 +538,68 @@ class _Trainer:
                                   f"{state_dict_mismatch(e)} (train into a new --out, or pass "
                                   "--resume none to start over here)") from None
         try:
-            self.ema.load_state_dict(ckpt.ema)
-            load_optimizer_state(self.optimizer, optimizer_from_flat(
-                ckpt.trainer_tensors, ckpt.trainer_state["optimizer"]))
-            if self.scaler.is_enabled() and "grad_scaler" in ckpt.trainer_state:
-                self.scaler.load_state_dict(ckpt.trainer_state["grad_scaler"])
-        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+            self._restore_state(ckpt)
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError,
+                IndexError, OverflowError) as e:
             # A damaged or hand-made trainer state must not surface as a raw traceback.
             raise CheckpointError(f"{ckpt.path}: the trainer state (EMA, optimizer, RNG) "
                                   f"cannot be restored: {type(e).__name__}: "
                                   f"{str(e)[:200]}") from None
-        self.step_count = step = ckpt.step
+        step = self.step_count
+        dist.print0(f"resuming from {ckpt.path} at step {step}")
+        old_world, old_batch = self._saved_world
+        if old_world != self.world:
+            dist.print0(f"the checkpoint was written by {old_world} process(es), this run has "
+                        f"{self.world}: global batch {old_batch} -> {self.global_batch}; data "
+                        "order and noise continue from the checkpoint; ranks without a saved "
+                        "dropout RNG state are seeded from (seed, rank, step)")
+        own = ckpt.path.parent.resolve() == (self.out / "checkpoints").resolve()
+        if dist.is_main():
+            self._tidy_run_dir(step, own)
+        if own:
+            # This step is already on disk: never re-save it at the end (with keep=1, a kill
+            # between the swap's two renames would leave no complete checkpoint at all).
+            self.last_ckpt = ckpt.path
+
+    def _restore_state(self, ckpt) -> None:
+        """EMA, optimizer, scaler, RNG states and counters; any damage raises (the caller
+        reports it in one line)."""
+        state = ckpt.trainer_state
+        self.ema.load_state_dict(ckpt.ema)
+        load_optimizer_state(self.optimizer, optimizer_from_flat(ckpt.trainer_tensors,
+                                                                 state["optimizer"]))
+        if self.scaler.is_enabled() and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.step_count = step = _count({"step": ckpt.step}, "step", 0)
         saved = {kind: ckpt.trainer_tensors[f"rng.{kind}.rank{self.rank}"]
                  for kind in ("torch", "cuda")
                  if f"rng.{kind}.rank{self.rank}" in ckpt.trainer_tensors}
         if not set_rng_state(self.device, saved):
             # written by fewer processes (or on the CPU): a new, reproducible dropout stream
-            torch.manual_seed(_dropout_seed(tc.seed, self.rank, step))
+            torch.manual_seed(_dropout_seed(self.cfg.train.seed, self.rank, step))
         self.timesteps.load_state_dict(ckpt.trainer_tensors)
-        self.images_seen = int(ckpt.trainer_state.get("images_seen", 0))
-        self.skipped_total = int(ckpt.trainer_state.get("skipped", 0))
-        self.overflow_total = int(ckpt.trainer_state.get("overflow", 0))
+        self.images_seen = _count(state, "images_seen", 0)
+        self.skipped_total = _count(state, "skipped", 0)
+        self.overflow_total = _count(state, "overflow", 0)
         self.health.load(self.skipped_total, self.overflow_total)
-        self.window.load(ckpt.trainer_state.get("log_window"))
-        dist.print0(f"resuming from {ckpt.path} at step {step}")
-        old_world = int(ckpt.trainer_state.get("world_size", 1))
-        if old_world != self.world:
-            old_batch = int(ckpt.trainer_state.get("global_batch", 0)) or "?"
-            dist.print0(f"the checkpoint was written by {old_world} process(es), this run has "
-                        f"{self.world}: global batch {old_batch} -> {self.global_batch}; data "
-                        "order and noise continue from the checkpoint; ranks without a saved "
-                        "dropout RNG state are seeded from (seed, rank, step)")
-        if dist.is_main():
-            _trim_metrics(self.out / "metrics.csv", step)
-        if ckpt.path.parent.resolve() == (self.out / "checkpoints").resolve():
-            # This step is already on disk: never re-save it at the end (with keep=1, a kill
-            # between the swap's two renames would leave no complete checkpoint at all).
-            self.last_ckpt = ckpt.path
+        self.window.load(state.get("log_window"))
+        self._saved_world = (_count(state, "world_size", 1),
+                             _count(state, "global_batch", 0) or "?")
+
+    def _tidy_run_dir(self, step: int, own: bool) -> None:
+        """Move aside what the resumed checkpoint makes stale (never delete it): run_dir.py."""
+        if own:
+            branch = run_dir.branch_aside(self.out, step, METRIC_FIELDS)
+            if branch is not None:
+                dist.print0(f"resuming an older checkpoint starts a branch: the newer "
+                            f"checkpoints, their metric rows and pictures moved to {branch}")
+        else:  # a checkpoint from elsewhere: an earlier run here (allowed by --overwrite)
+            self._move_old_run_aside()
+        cut = run_dir.trim_metrics(self.out / "metrics.csv", step, METRIC_FIELDS,
+                                   self.out / "metrics.cut.csv")
+        if cut:
+            dist.print0(f"moved {cut} metric row(s) after step {step} (not in the checkpoint) "
+                        f"to {self.out / 'metrics.cut.csv'}")
 
     def announce(self) -> None:
         cfg, data = self.cfg, self.data
