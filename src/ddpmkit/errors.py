@@ -19,3 +19,7 @@ class DataError(DdpmkitError, ValueError):
 
 class CheckpointError(DdpmkitError):
     """A missing, truncated, incompatible or untrusted checkpoint."""
+
+
+class OutputError(DdpmkitError, OSError):
+    """An output could not be written (a full disk, a read-only folder); still an OSError."""

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from .errors import ConfigError, DdpmkitError
+from .errors import ConfigError, DdpmkitError, OutputError
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the OS has none (Windows): no links there
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "trainer.safetensors")
@@ -53,7 +53,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     try:
         fd = open_new(tmp)
     except OSError as e:
-        raise DdpmkitError(f"cannot write {path}: {e.strerror or e}") from None
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -65,7 +65,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             os.unlink(tmp)
         if isinstance(e, OSError):
             hint = "; free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-            raise DdpmkitError(f"cannot write {path}: {e.strerror or e}{hint}") from None
+            raise OutputError(f"cannot write {path}: {e.strerror or e}{hint}") from None
         raise
     return path
 
