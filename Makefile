@@ -14,4 +14,4 @@ test-all: setup
 	.venv/bin/python -m pytest -q -m "slow or not slow"
 
 lint: setup
-	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff check src tests benchmarks examples

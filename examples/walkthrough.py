@@ -16,8 +16,8 @@ in float64 to a relative 1e-9. The script exits with status 1 if any check fails
 Index convention: ddpmkit stores the paper's step t at tensor index t - 1; everything printed
 uses the paper's t = 1..T.
 
-    python examples/walkthrough.py --out walkthrough/            # ~4 min on 2 quiet CPU cores
-    python examples/walkthrough.py --quick --out /tmp/wt          # a tiny setting, ~10 s
+    python examples/walkthrough.py --out walkthrough/            # ~8 min of CPU time
+    python examples/walkthrough.py --quick --out /tmp/wt          # a tiny setting (the tests)
     python examples/walkthrough.py --checkpoint runs/digits --out walkthrough/  # ddpmkit.load
 """
 
@@ -57,10 +57,10 @@ class Settings:
     net: str = "digits"            # ddpmkit.build_unet preset for the model trained here
     channels: int = 0              # override the preset's base channels (0: keep)
     timesteps: int = 1000          # T of the model trained here (linear schedule, as the notes)
-    train_steps: int = 1000
+    train_steps: int = 800
     batch_size: int = 128
     lr: float = 1e-3
-    num_eval: int = 64             # held-out digits in the bound and the eps-loss identity
+    num_eval: int = 32             # held-out digits in the bound and the eps-loss identity
     forward_draws: int = 2000      # draws of x_t per digit in section 2
     posterior_draws: int = 20000   # importance-sampling draws per pixel in section 3
     num_samples: int = 8           # digits in the sampling strip
@@ -690,8 +690,12 @@ def section_sampling(s: Settings, checks: Checks, model, diff) -> None:
         x0 = ddpmkit.sample(net64, diff, shape, method="ancestral", noise=x_T, generator=g,
                             clip_denoised=False, callback=keep)
     by_hand = algorithm_2(net64, diff, x_T.clone(), g_by_hand)
+    # Both loops do float64 arithmetic in a different order around a float32 network: where
+    # a value falls on a float32 rounding boundary the network sees inputs 6e-8 apart, and
+    # later steps can amplify that. 1e-4 leaves room for that; a wrong coefficient or sigma
+    # moves samples by far more (1e-2 and up).
     checks.record("Algorithm 2 written out = ddpmkit.sample(method='ancestral'), same noise",
-                  (by_hand - x0).abs().max().item(), 1e-6, "max |difference|")
+                  (by_hand - x0).abs().max().item(), 1e-4, "max |difference|")
     print(f"  {n} samples: pixel values in [{x0.min():.2f}, {x0.max():.2f}]; "
           f"{(x0.abs() > 1 + 1 / 16).float().mean():.1%} of pixels outside [-1, 1] by more "
           f"than half a level")
