@@ -415,26 +415,21 @@ def train_model(s: Settings, x_train: torch.Tensor):
 
 
 def load_run(s: Settings):
-    """A trained run from disk through ``ddpmkit.load`` (a digits model, 1 x 8 x 8)."""
-    load = getattr(ddpmkit, "load", None)
-    if load is None:
-        raise ddpmkit.DdpmkitError(
-            "--checkpoint needs ddpmkit.load, which this version of ddpmkit does not have; "
-            "leave --checkpoint out to train a small model here")
-    run = load(s.checkpoint)
+    """A trained digits run (1 x 8 x 8, 17 levels) from disk, through ``ddpmkit.load``."""
+    run = ddpmkit.load(s.checkpoint)
     if tuple(run.data_shape) != (1, 8, 8):
         raise ddpmkit.DdpmkitError(f"--checkpoint {s.checkpoint}: the walkthrough needs a "
                                    f"digits model (1, 8, 8), this one is {run.data_shape}")
-    d = run.diffusion
-    print(f"  loaded {s.checkpoint}: T = {d.num_timesteps}, prediction {d.prediction!r}, "
-          f"variance {d.variance!r}")
-    return run.model, d
+    return run
 
 
-def get_model(s: Settings, x_train: torch.Tensor):
-    if s.checkpoint:
+def get_model(s: Settings, x_train: torch.Tensor, run=None):
+    if run is not None:
         heading(f"A trained digits model, loaded from {s.checkpoint}")
-        return load_run(s)
+        d = run.diffusion
+        print(f"  step {run.step}: T = {d.num_timesteps}, prediction {d.prediction!r}, variance "
+              f"{d.variance!r}; the bound below assumes the digits' 17 levels")
+        return run.model, d
     heading(f"A trained digits model: DDPM Algorithm 1, {s.train_steps} steps of "
             f"{s.batch_size} (eq. 14)")
     return train_model(s, x_train)
@@ -758,11 +753,12 @@ def run(s: Settings) -> int:
         torch.set_num_threads(s.threads)
     global _START
     _START, checks = time.perf_counter(), Checks()
+    run = load_run(s) if s.checkpoint else None           # a bad path fails before any work
     x_train, x_test = digits()
     notes_diffusion = section_schedule(s, checks)
     section_forward(s, checks, notes_diffusion, x_test)
     section_posterior(s, checks, notes_diffusion, x_test)
-    model, diff = get_model(s, x_train)
+    model, diff = get_model(s, x_train, run)
     bound = section_bound(s, checks, model, diff, x_train, x_test)
     section_eps_loss(s, checks, model, diff, x_test, bound)
     section_sampling(s, checks, model, diff)

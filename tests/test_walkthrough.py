@@ -116,6 +116,25 @@ def test_eq12_weight_with_fixed_small_variance_is_beta_over_two_alpha_one_minus_
 
 
 @pytest.mark.slow
+def test_walkthrough_runs_on_a_trained_run_through_ddpmkit_load(tmp_path):
+    run = tmp_path / "run"
+    train = [sys.executable, "-m", "ddpmkit", "train", "--data", "digits", "--out", str(run),
+             "--schedule", "linear", "--timesteps", "40", "--model-channels", "16",
+             "--channel-mult", "1,2", "--num-res-blocks", "1", "--groups", "8",
+             "--batch-size", "16", "--max-steps", "3", "--max-minutes", "0",
+             "--sample-num", "4", "--no-progress"]
+    out = subprocess.run(train, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "1",
+                          "--checkpoint", str(run), "--out", str(tmp_path / "figs")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"loaded from {run}" in out.stdout
+    assert "T = 40, prediction 'eps', variance 'fixed_small'" in out.stdout
+    _assert_figures(tmp_path / "figs")
+
+
+@pytest.mark.slow
 def test_walkthrough_script_runs_from_the_command_line(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out",
                           str(tmp_path / "figs")], capture_output=True, text=True, timeout=600)
@@ -128,6 +147,15 @@ def test_walkthrough_rejects_bad_settings_with_a_usage_error(walkthrough, capsys
         walkthrough.parse_args(["--timesteps", "5"])
     assert stop.value.code == 2
     assert "--timesteps must be >= 21" in capsys.readouterr().err
+
+
+def test_a_missing_checkpoint_is_a_one_line_error_before_any_work(walkthrough, tmp_path,
+                                                                   capsys):
+    rc = walkthrough.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert captured.err.strip() == f"error: checkpoint {tmp_path / 'nope'} does not exist"
+    assert "====" not in captured.out
 
 
 def test_quick_settings_give_way_to_explicit_flags(walkthrough):
