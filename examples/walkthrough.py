@@ -10,7 +10,7 @@ sampling. docs/walkthrough.md (English) and docs/walkthrough.zh.md (Chinese) are
 Every check prints PASS or FAIL. A statistical check compares an estimate with its closed form
 in units of its standard error; the limit is the two-sided normal quantile at a false-alarm
 rate of 1e-4 for the whole check, Bonferroni-split over the m comparisons it makes (3.9 SE for
-one comparison, 5.6 SE for a thousand). An identity that holds exactly in arithmetic is checked
+one comparison, 5.3 SE for a thousand). An identity that holds exactly in arithmetic is checked
 in float64 to a relative 1e-9. The script exits with status 1 if any check fails.
 
 Index convention: ddpmkit stores the paper's step t at tensor index t - 1; everything printed
