@@ -1,4 +1,5 @@
-"""The ``ddpmkit`` command: train | sample | eval | show | encode | export | config.
+"""The ``ddpmkit`` command: train | sample | eval | show | encode | export | fid | fid-stats |
+config.
 
 Flags come from the config dataclasses (config.py), so a flag, a config-file key and a field
 of the saved ``config.json`` are always the same thing. Errors that the user can fix print one
@@ -491,6 +492,107 @@ def cmd_export(args) -> int:
     return 0
 
 
+# ---- fid / fid-stats -------------------------------------------------------------------------
+
+def _inception(args, device):
+    from .fid import load_inception
+    path = args.inception
+    if args.download_inception and path is None:
+        from .fid.inception import download_inception
+        path = download_inception()
+    return load_inception(path, device=device)
+
+
+def _fid_sample_features(args, net, device_name: str):
+    """Features of --num samples of --checkpoint (rank 0; None on the other ranks)."""
+    import dataclasses
+
+    from . import dist
+    from .fid import sample_features
+    from .load import load
+
+    run = load(args.checkpoint, device=device_name, use_ema=not args.raw_weights)
+    if run.kind != "image":
+        raise ConfigError("FID needs an image model; this run models 2-D points")
+    base = dataclasses.replace(run.config.sample, num=50_000, batch_size=250)
+    sc = C.section_from_dict(C.SampleConfig, C.flags_to_dict(args, C.SampleConfig), base=base)
+    dist.init_process_group(run.device)
+    return sample_features(run.model, run.diffusion, run.data_shape, net, sc.num,
+                           batch_size=sc.batch_size, sampler=sc.sampler,
+                           steps=sc.steps or None, seed=sc.seed, spacing=sc.spacing,
+                           eta=sc.eta, clip_denoised=sc.clip_denoised, device=run.device,
+                           progress=not args.no_progress)
+
+
+def _print_scores(res: dict) -> None:
+    ref = "statistics" if res["num_ref"] is None else f"{res['num_ref']} reference images"
+    print(f"{res['num_samples']} samples against {ref} (TF-Inception 2015-12-05, "
+          "TF1 bilinear resize)")
+    print(f"  FID        {res['fid']:.4f}")
+    na = "n/a (the reference is a statistics file)"
+    if res["kid"] is None:
+        print(f"  KID        {na}")
+    else:
+        print(f"  KID        {res['kid']:.6f} ± {res['kid_se']:.6f} (standard error)")
+    print(f"  IS         {res['is']:.4f} ± {res['is_std']:.4f} (std over 10 splits)")
+    for key in ("precision", "recall"):
+        value = na if res[key] is None else f"{res[key]:.4f}"
+        print(f"  {key:<10} {value}   (k = 3)")
+
+
+def cmd_fid(args) -> int:
+    from . import dist
+    from .fid import Statistics, open_source, scores, source_features
+
+    if (args.checkpoint is None) == (args.samples is None):
+        raise ConfigError("give exactly one of --checkpoint RUN and --samples F.npz")
+    ref = open_source(args.ref)          # a bad --ref fails now, not after the sampling
+    samples = open_source(args.samples) if args.samples else None
+    if isinstance(samples, Statistics):
+        raise ConfigError(f"--samples {args.samples} holds statistics (mu, sigma); give "
+                          "images: FID needs the samples' own features")
+    device = dist.resolve_device(args.device)
+    net = _inception(args, device)
+    batch = int(args.batch_size) if args.batch_size else 250
+    if samples is None:
+        fake = _fid_sample_features(args, net, args.device)
+        if fake is None:  # not rank 0
+            return 0
+    else:
+        fake = source_features(net, samples, batch, limit=int(args.num) if args.num else None,
+                               progress=not args.no_progress)
+    if not isinstance(ref, Statistics):
+        ref = source_features(net, ref, batch, progress=not args.no_progress)
+    res = scores(fake, ref, device=device)
+    res.update(samples=args.samples or args.checkpoint, ref=args.ref)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        _print_scores(res)
+    return 0
+
+
+def cmd_fid_stats(args) -> int:
+    import numpy as np
+
+    from . import dist
+    from .fid import Statistics, feature_stats, open_source, source_features
+
+    out = _output_file(args.out, (".npz",))
+    source = open_source(args.data)
+    if isinstance(source, Statistics):
+        raise ConfigError(f"{args.data} already holds statistics (mu, sigma)")
+    net = _inception(args, dist.resolve_device(args.device))
+    feats = source_features(net, source, args.batch_size, limit=args.num,
+                            progress=not args.no_progress)
+    mu, sigma = feature_stats(feats.pool)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    np.savez(tmp, mu=mu, sigma=sigma, num=np.array(len(feats)))
+    tmp.replace(out)
+    print(f"wrote {out}: mu [2048], sigma [2048, 2048] of {len(feats)} images of {args.data}")
+    return 0
+
+
 # ---- config ----------------------------------------------------------------------------------
 
 def cmd_config(args) -> int:
@@ -499,6 +601,66 @@ def cmd_config(args) -> int:
 
 
 # ---- parser ----------------------------------------------------------------------------------
+
+EPILOG_FID = """examples:
+  ddpmkit fid-stats ./cifar10_train_png --out cifar10_stats.npz --inception pt_inception.pth
+  ddpmkit fid --checkpoint runs/cifar --ref cifar10_stats.npz --inception pt_inception.pth
+  ddpmkit fid --samples samples.npz --ref ./cifar10_train_png --json
+  torchrun --nproc_per_node 8 -m ddpmkit fid --checkpoint runs/cifar --ref cifar10_stats.npz
+The Inception weights are not shipped: download pt_inception-2015-12-05-6726825d.pth
+(pytorch-fid's release "fid_weights") and pass --inception FILE, set DDPMKIT_INCEPTION, or
+put it in ~/.cache/ddpmkit/. Images are resized to 299 x 299 with TensorFlow 1's bilinear
+resize, as the TF code of the published FIDs does (pytorch-fid and clean-fid resize
+differently, which moves FID by a few tenths to points)."""
+
+
+def _add_fid_parsers(sub, fmt) -> None:
+    def weights(p):
+        p.add_argument("--inception", metavar="FILE",
+                       help="TF-Inception 2015-12-05 weights: pytorch-fid's .pth or a "
+                            ".safetensors copy (default: $DDPMKIT_INCEPTION, then "
+                            "~/.cache/ddpmkit/)")
+        p.add_argument("--download-inception", action="store_true",
+                       help="without --inception: download the weights once into "
+                            "~/.cache/ddpmkit/ (needs a network; SHA-256 prefix checked)")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        _add_common(p)
+
+    p = sub.add_parser("fid", help="FID, KID, IS, precision/recall of samples",
+                       description="Score samples against reference images with the "
+                       "TF-Inception v3 of the published FIDs: FID, KID ± its standard "
+                       "error, Inception Score ± std over 10 splits, precision and recall "
+                       "(k = 3). Samples: --samples (an .npz of uint8 images, an .npy, an "
+                       "image folder) or --checkpoint (drawn here, --num of them, split "
+                       "across torchrun processes). REF: images (folder, .npy/.npz, a data "
+                       "set name) or a statistics file from `ddpmkit fid-stats` / "
+                       "pytorch-fid / the ADM suite (FID only).",
+                       epilog=EPILOG_FID, formatter_class=fmt)
+    p.add_argument("--checkpoint", help="sample from it: " + CHECKPOINT_HELP)
+    p.add_argument("--raw-weights", action="store_true", help="use the raw, not the EMA weights")
+    p.add_argument("--samples", help="images to score (.npz arr_0, .npy or a folder)")
+    p.add_argument("--ref", required=True, help="reference images or statistics (.npz mu/sigma)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    weights(p)
+    C.add_flags(p, C.SampleConfig, group_title="sampling options (--checkpoint; --num and "
+                "--batch-size also apply to --samples)",
+                defaults=C.SampleConfig(num=50_000, batch_size=250))
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("fid-stats", help="FID statistics (mu, sigma) of a reference set",
+                       description="Inception pool3 mean and covariance of DATA (an image "
+                       "folder, .npy/.npz images, a data set name) into an .npz with keys "
+                       "mu and sigma, as pytorch-fid writes them; pass it as `fid --ref`.",
+                       epilog=EPILOG_FID, formatter_class=fmt)
+    p.add_argument("data", help="image folder, .npy/.npz images or a data set name")
+    p.add_argument("--out", required=True, help="statistics file (.npz)")
+    p.add_argument("--num", type=_int_at_least(2), help="only the first N images")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=250,
+                   help="images per Inception batch (default: 250)")
+    weights(p)
+    p.set_defaults(func=cmd_fid_stats)
+
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
@@ -619,6 +781,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace --out if it holds an earlier export (never other files)")
     _add_common(p)
     p.set_defaults(func=cmd_export)
+
+    _add_fid_parsers(sub, fmt)
 
     p = sub.add_parser("config", help="print a preset as TOML, to start a config file from")
     p.add_argument("preset", choices=list(C.RUN_PRESETS))
