@@ -470,3 +470,31 @@ def test_frechet_distance_from_few_features_takes_the_small_route_exactly():
     # roots add ~1e-8 apiece): the two agree to that
     assert features_fid(a, mu2, s2) == pytest.approx(frechet_distance(mu1, s1, mu2, s2),
                                                      rel=1e-6)
+
+
+# ---- FID while training --------------------------------------------------------------------
+
+def test_training_logs_fid_rows_and_plots_them(inception_file, tmp_path):
+    import csv
+
+    np.savez(tmp_path / "ref.npz", arr_0=_u8(6, 8, 8, 1, seed=4))
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--max-steps", "3", "--model-channels", "16",
+                 "--channel-mult", "1,2", "--num-res-blocks", "1", "--attention-resolutions",
+                 "4", "--groups", "8", "--timesteps", "40", "--sample-num", "2",
+                 "--sample-steps", "2", "--log-every", "2", "--fid-every", "3", "--fid-num", "3",
+                 "--fid-ref", str(tmp_path / "ref.npz"), "--fid-inception", str(inception_file),
+                 "--no-progress"]) == 0
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    # a row at the log step 2, and one at the FID step 3 (not a log step) holding the FID
+    assert [r["step"] for r in rows] == ["2", "3"]
+    assert rows[0]["fid"] == "" and float(rows[1]["fid"]) > 0
+    assert (run / "loss.png").stat().st_size > 0
+    with pytest.raises(ConfigError, match="fid_every=3 needs fid_ref"):
+        from ddpmkit.config import TrainConfig
+        TrainConfig(fid_every=3)
+    assert main(["train", "--out", str(tmp_path / "r2"), "--max-steps", "1", "--fid-every",
+                 "1", "--fid-ref", str(tmp_path / "ref.npz"), "--fid-inception",
+                 str(tmp_path / "none.pth"), "--no-progress"]) == 2   # before any step
+    assert not (tmp_path / "r2" / "checkpoints").exists()

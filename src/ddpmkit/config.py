@@ -245,17 +245,30 @@ class TrainConfig:
     tf32: bool = field(default=True, metadata=_help(
         "TF32 matmuls and convolutions on Ampere+ GPUs (PyTorch's default for convolutions; "
         "no effect on the CPU)"))
+    fid_every: int = field(default=0, metadata=_help(
+        "steps between FIDs of EMA samples, logged in metrics.csv (0: off; needs fid_ref)"))
+    fid_ref: str = field(default="", metadata=_help(
+        "FID reference: images (folder, .npy/.npz, data set) or a `ddpmkit fid-stats` file"))
+    fid_num: int = field(default=5000, metadata=_help(
+        "samples per training-time FID (the sample options' sampler, steps and seed)"))
+    fid_inception: str = field(default="", metadata=_help(
+        "TF-Inception weights for FID ('': $DDPMKIT_INCEPTION, then ~/.cache/ddpmkit/)"))
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "lr", "grad_accum", "checkpoint_every", "keep_checkpoints",
-                     "log_every", "max_bad_steps"):
+                     "log_every", "max_bad_steps", "fid_num"):
             _positive(name, getattr(self, name))
         for name in ("weight_decay", "warmup_steps", "max_steps", "max_minutes", "grad_clip",
-                     "ema_half_life", "ema_rampup", "sample_every"):
+                     "ema_half_life", "ema_rampup", "sample_every", "fid_every"):
             _positive(name, getattr(self, name), allow_zero=True)
         _at_most("batch_size", self.batch_size, "batch_size")
         _at_most("grad_accum", self.grad_accum, "grad_accum")
         _seed("seed", self.seed)
+        if self.fid_every and not self.fid_ref.strip():
+            raise ConfigError(f"fid_every={self.fid_every} needs fid_ref: reference images "
+                              "or a statistics file from `ddpmkit fid-stats`")
+        if self.fid_every and self.fid_num < 2:
+            raise ConfigError(f"fid_num={self.fid_num} must be >= 2 (a covariance needs two)")
         _choice("lr_decay", self.lr_decay, ("none", "cosine"))
         _choice("precision", self.precision, PRECISIONS)
         _choice("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)

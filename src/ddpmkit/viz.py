@@ -409,6 +409,7 @@ def plot_loss_curve(
     png_path: PathLike,
     keys: Sequence[str] = ("loss",),
     smooth: float = 0.9,
+    panels: Sequence[str] = (),
 ) -> Path:
     """Plot training metrics from a CSV file against ``step``, saved as a PNG.
 
@@ -417,7 +418,9 @@ def plot_loss_curve(
     weight ``smooth`` in [0, 1) (0: none; higher: smoother; the curve does not lag the data).
     The y axis is logarithmic when every plotted value is positive. If columns ``loss_q0``,
     ``loss_q1``, ... (loss by timestep quartile, q0 = smallest t) exist, a second panel shows
-    them.
+    them. Each column of ``panels`` (such as ``fid``) gets a panel of its own below, drawn
+    unsmoothed with markers (a few points, on a scale of their own); columns that are absent
+    or empty are left out.
     """
     keys = [keys] if isinstance(keys, str) else list(keys)
     if not keys:
@@ -438,9 +441,12 @@ def plot_loss_curve(
         raise DataError(f"metrics file {str(csv_path)!r} has no numeric values in column(s) "
                         f"{', '.join(keys)}")
     quart = {q: data[q] for q in quartiles if data[q][0]}
+    present = [p for p in panels if p in header and p not in keys]
+    extra = {p: v for p, v in _metric_columns(csv_path, header, rows, present).items() if v[0]}
 
-    fig = _new_figure((7.5, 7.0) if quart else (7.5, 4.2))
-    axes = fig.subplots(2, 1, sharex=True) if quart else [fig.subplots()]
+    n_axes = 1 + bool(quart) + len(extra)
+    fig = _new_figure((7.5, 4.2 + 2.8 * (n_axes - 1)))
+    axes = list(fig.subplots(n_axes, 1, sharex=True)) if n_axes > 1 else [fig.subplots()]
     _plot_series(axes[0], main, smooth)
     axes[0].set_ylabel(keys[0] if len(keys) == 1 else "value")
     axes[0].set_title(f"{', '.join(keys)} vs step ({csv_path.name}"
@@ -449,6 +455,11 @@ def plot_loss_curve(
         _plot_series(axes[1], quart, smooth)
         axes[1].set_ylabel("loss")
         axes[1].set_title("loss by timestep quartile (q0 = smallest t)")
+    for ax, (name, (steps, vals)) in zip(axes[1 + bool(quart):], extra.items(), strict=True):
+        ax.plot(steps, vals, marker="o", linewidth=1.5, label=name)
+        ax.set_ylabel(name)
+        ax.set_title(f"{name} vs step")
+        ax.grid(True, which="major", alpha=0.3)
     axes[-1].set_xlabel("step")
     return _save_figure(fig, png_path)
 

@@ -13,11 +13,12 @@ batches; ``measure``: images or a model's samples -> features -> scores, streame
 from .inception import InceptionV3, find_inception_weights, load_inception
 from .measure import Features, extract_features, sample_features, scores, source_features
 from .scores import (
-                     feature_stats,
-                     frechet_distance,
-                     inception_score,
-                     kernel_inception_distance,
-                     precision_recall,
+    feature_stats,
+    features_fid,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
 )
 from .sources import ImageSource, Statistics, open_source
 
@@ -28,6 +29,7 @@ __all__ = [
     "Statistics",
     "extract_features",
     "feature_stats",
+    "features_fid",
     "find_inception_weights",
     "frechet_distance",
     "inception_score",

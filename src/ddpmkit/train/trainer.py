@@ -65,7 +65,7 @@ from .randomness import ExampleDraws, rng_state, set_rng_state
 from .timesteps import TimestepSampler
 
 METRIC_FIELDS = ["step", "images", "loss", "mse", "vb", "lr", "grad_norm", "loss_q0", "loss_q1",
-                 "loss_q2", "loss_q3", "steps_per_s", "elapsed_s", "skipped", "overflow"]
+                 "loss_q2", "loss_q3", "steps_per_s", "elapsed_s", "skipped", "overflow", "fid"]
 
 
 class TrainingDiverged(DdpmkitError):
@@ -415,6 +415,7 @@ class _Trainer:
         self.last_loss = torch.full((), math.nan, device=self.device)
         self.last_ckpt: Path | None = None
         self.allow_changes = False  # resume despite GUARDED_ON_RESUME changes (see train())
+        self.fid = _TrainingFID(cfg, self.data, self.device) if tc.fid_every else None
 
     def _build_model(self) -> None:
         tc = self.cfg.train
@@ -755,14 +756,15 @@ class _Trainer:
 
     # ---- log, save -----------------------------------------------------------------------
 
-    def log(self, lr: float) -> dict:
+    def log(self, lr: float, fid: float | None = None) -> dict:
         """One row of metrics.csv (rank 0); returns it."""
         now = time.time()
         row = {"step": self.step_count, "images": self.images_seen, "lr": lr,
                "steps_per_s": (self.step_count - self._last_log_step)
                / max(now - self._last_log_time, 1e-9),
                "elapsed_s": now - self.t_start, "skipped": self.skipped_total,
-               "overflow": self.overflow_total, **self.window.row()}
+               "overflow": self.overflow_total, **self.window.row(),
+               "fid": "" if fid is None else fid}
         _append_metrics(self.out / "metrics.csv", row)
         self._last_log_time, self._last_log_step = now, self.step_count
         return row
@@ -845,11 +847,14 @@ class _Trainer:
                 if stopped:
                     break
                 r = self.step()
-                step, row = self.step_count, None
-                if step % tc.log_every == 0:
+                step, row, fid = self.step_count, None, None
+                fid_step = bool(tc.fid_every) and step % tc.fid_every == 0
+                if fid_step:
+                    fid = self.fid.measure(self.model, self.ema, self.diffusion)  # all ranks
+                if step % tc.log_every == 0 or fid_step:  # an FID step gets its own row
                     self._check_health()  # on every rank, so that all stop together
                     if dist.is_main():
-                        row = self.log(r.lr)
+                        row = self.log(r.lr, fid)
                 if bar is not None:
                     self._advance_bar(bar, row)
                 if step % tc.checkpoint_every == 0:
@@ -872,6 +877,46 @@ class _Trainer:
         dist.barrier()
         return TrainResult(self.out, self.step_count, self.last_ckpt, stopped,
                            float(self.last_loss), elapsed)
+
+
+class _TrainingFID:
+    """FID of ``fid_num`` EMA samples against ``fid_ref``, every ``fid_every`` steps.
+
+    Set up before the first step, so that missing Inception weights or a bad reference stop
+    the run at once. The reference statistics are computed once (rank 0). Every measurement
+    uses the same seeds (the sample options' seed), so the curve shows the model changing,
+    not the noise; each rank draws its share of the samples.
+    """
+
+    def __init__(self, cfg: RunConfig, data: Dataset, device: torch.device):
+        from ..fid import Statistics, feature_stats, load_inception, open_source, source_features
+        if data.kind != "image":
+            raise ConfigError("fid_every needs image data; 2-D point sets have no FID")
+        tc = cfg.train
+        self.cfg, self.shape, self.device = cfg, data.shape, device
+        ref = open_source(tc.fid_ref)
+        self.net = load_inception(tc.fid_inception or None, device=device)
+        self.ref_stats = None
+        if isinstance(ref, Statistics):
+            self.ref_stats = (ref.mu, ref.sigma)
+        elif dist.is_main():
+            dist.print0(f"FID reference: Inception features of {ref.count} images of "
+                        f"{tc.fid_ref}")
+            feats = source_features(self.net, ref, cfg.sample.batch_size, progress=False)
+            self.ref_stats = feature_stats(feats.pool)
+
+    def measure(self, model: nn.Module, ema: EMA, diffusion: GaussianDiffusion) -> float | None:
+        """The FID on rank 0, None on the other ranks (every rank must call it)."""
+        from ..fid import features_fid, sample_features
+        ema_model = build_model(self.cfg.model).to(self.device)
+        ema.copy_to(ema_model)
+        sc, tc = self.cfg.sample, self.cfg.train
+        feats = sample_features(ema_model.eval(), diffusion, self.shape, self.net, tc.fid_num,
+                                batch_size=sc.batch_size, sampler=sc.sampler,
+                                steps=sc.steps or None, seed=sc.seed, spacing=sc.spacing,
+                                eta=sc.eta, clip_denoised=sc.clip_denoised,
+                                device=self.device, progress=False)
+        return None if feats is None else features_fid(feats.pool, *self.ref_stats)
 
 
 def write_pictures(cfg: RunConfig, model: nn.Module, ema: EMA, diffusion: GaussianDiffusion,
@@ -899,4 +944,5 @@ def write_pictures(cfg: RunConfig, model: nn.Module, ema: EMA, diffusion: Gaussi
                         title=f"{cfg.data.name}: samples over data")
     if (out / "metrics.csv").exists():
         with contextlib.suppress(Exception):  # a plot must never kill a run
-            viz.plot_loss_curve(out / "metrics.csv", out / "loss.png")
+            viz.plot_loss_curve(out / "metrics.csv", out / "loss.png",
+                                panels=("fid",) if cfg.train.fid_every else ())
