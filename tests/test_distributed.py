@@ -303,3 +303,27 @@ def test_gather_rows_in_rounds_keeps_dtype_and_order(tmp_path):
     want = torch.cat([(torch.arange(c * 6, dtype=torch.uint8) + 100 * r).reshape(c, 2, 3)
                       for r, c in enumerate([7, 4])])
     assert got.dtype == torch.uint8 and torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_two_process_fid_equals_one_process(one_proc, tmp_path, capsys):
+    # 5 samples in batches of 2 (rank 0: batches 0 and 2, rank 1: batch 1): features, not
+    # images, are gathered and put back in sample order, so every figure is one process's.
+    from test_fid import _random_inception_state
+
+    torch.save(_random_inception_state(), tmp_path / "w.pth")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8))
+    args = ["fid", "--checkpoint", str(one_proc), "--num", "5", "--batch-size", "2",
+            "--steps", "4", "--ref", str(tmp_path / "ref.npz"), "--inception",
+            str(tmp_path / "w.pth"), "--json", "--no-progress"]
+    out = torchrun(*args)
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone reports
+    two = json.loads(lines[0])
+    capsys.readouterr()
+    assert main(args) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert one["num_samples"] == two["num_samples"] == 5
+    for key in ("fid", "kid", "kid_se", "is", "is_std", "precision", "recall"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), key

@@ -611,7 +611,7 @@ The Inception weights are not shipped: download pt_inception-2015-12-05-6726825d
 (pytorch-fid's release "fid_weights") and pass --inception FILE, set DDPMKIT_INCEPTION, or
 put it in ~/.cache/ddpmkit/. Images are resized to 299 x 299 with TensorFlow 1's bilinear
 resize, as the TF code of the published FIDs does (pytorch-fid and clean-fid resize
-differently, which moves FID by a few tenths to points)."""
+differently, which changes FID: compare figures made the same way)."""
 
 
 def _add_fid_parsers(sub, fmt) -> None:

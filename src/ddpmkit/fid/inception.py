@@ -14,8 +14,8 @@ Input: uint8 images ``[N, 3, H, W]`` (values 0..255) of any size. They are resiz
 centres: output pixel ``i`` samples input position ``i * H / 299``), which is what the TF
 graph of the published FIDs does; then mapped to ``(x - 128) / 128``. pytorch-fid instead
 uses torch's half-pixel bilinear and ``2 x / 255 - 1``, and clean-fid resizes with PIL
-bicubic; each moves FID by a few tenths to points at 32 x 32, so figures are comparable only
-under the same resize.
+bicubic; Parmar et al. (2022) show that such differences change FID noticeably, so figures
+are comparable only under the same resize.
 
 Outputs: ``pool`` ``[N, 2048]`` (the pool3 features of FID, KID and precision/recall) and
 ``logits`` ``[N, 1008]`` = ``pool @ fc.weight.T`` without the bias, as the original Inception

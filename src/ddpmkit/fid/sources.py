@@ -71,6 +71,18 @@ def _to_rgb(batch: np.ndarray, name: str) -> np.ndarray:
 
 # ---- arrays, read in slices -----------------------------------------------------------------
 
+def _check_array(shape: tuple[int, ...], dtype: np.dtype, name: str) -> None:
+    """Reject a wrong image array when it is opened, not after an hour of sampling."""
+    channels_ok = len(shape) == 3 or (len(shape) == 4 and (shape[-1] in (1, 3)
+                                                           or shape[1] in (1, 3)))
+    if not channels_ok:
+        raise DataError(f"{name}: shape {shape} is not uint8 images [N, H, W] or [N, H, W, C] "
+                        "(or [N, C, H, W]) with C = 1 or 3")
+    if dtype != np.uint8:
+        raise DataError(f"{name}: images are {dtype}; FID reads uint8 (0..255) images, as "
+                        "`ddpmkit sample --out F.npz` writes them")
+
+
 def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, fortran_order, dtype) of the .npy stream ``f``, left at the first byte of data."""
     version = np.lib.format.read_magic(f)
@@ -86,9 +98,9 @@ def _array_in_npz(path: Path, key: str) -> ImageSource:
         z = zipfile.ZipFile(path)
         f = z.open(f"{key}.npy")
         shape, fortran, dtype = _npy_header(f)
-        if fortran or dtype.hasobject or len(shape) < 3:
-            raise DataError(f"{path}: {key!r} is not a C-order image array (shape {shape}, "
-                            f"dtype {dtype})")
+        if fortran:
+            raise DataError(f"{path}: {key!r} is stored in Fortran order; save it C-ordered")
+        _check_array(shape, dtype, f"{path} ({key!r})")
         return z, f, shape, dtype
 
     z, f, shape, dtype = open_member()
@@ -112,8 +124,7 @@ def _array_in_npy(path: Path) -> ImageSource:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    if arr.ndim < 3:
-        raise DataError(f"{path}: shape {arr.shape} is not an image array [N, H, W, C]")
+    _check_array(arr.shape, arr.dtype, str(path))
     return ImageSource(str(path), arr.shape[0],
                        lambda size: (np.asarray(arr[i:i + size])
                                      for i in range(0, arr.shape[0], size)))
