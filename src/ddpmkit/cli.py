@@ -643,8 +643,9 @@ def _add_fid_parsers(sub, fmt) -> None:
     p.add_argument("--ref", required=True, help="reference images or statistics (.npz mu/sigma)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     weights(p)
-    C.add_flags(p, C.SampleConfig, group_title="sampling options (--checkpoint; --num and "
-                "--batch-size also apply to --samples)",
+    C.add_flags(p, C.SampleConfig, group_title="sampling options (--checkpoint; with --samples, "
+                "--num takes the first N images, default all, and --batch-size is the "
+                "Inception batch)",
                 defaults=C.SampleConfig(num=50_000, batch_size=250))
     p.set_defaults(func=cmd_fid)
 

@@ -281,10 +281,10 @@ def _cache_dir() -> Path:
     return Path(base) / "ddpmkit"
 
 
-def _missing_message() -> str:
-    return (f"no Inception weights found: download {INCEPTION_FILE} (pytorch-fid's "
-            f"TF-Inception 2015-12-05, {INCEPTION_URL}) and pass --inception FILE, set "
-            f"{INCEPTION_ENV}=FILE, or put it in {_cache_dir()}/")
+def _how_to_get() -> str:
+    return (f"download {INCEPTION_FILE} (pytorch-fid's TF-Inception 2015-12-05, "
+            f"{INCEPTION_URL}) and pass --inception FILE, set {INCEPTION_ENV}=FILE, or put it "
+            f"in {_cache_dir()}/")
 
 
 def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
@@ -297,12 +297,12 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise ConfigError(f"Inception weights {p}: no such file. {_missing_message()}")
+            raise ConfigError(f"Inception weights {p}: no such file; {_how_to_get()}")
         return p
     for name in ("inception-2015-12-05.safetensors", INCEPTION_FILE):
         if (_cache_dir() / name).is_file():
             return _cache_dir() / name
-    raise ConfigError(_missing_message())
+    raise ConfigError(f"no Inception weights found: {_how_to_get()}")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -374,7 +374,7 @@ def download_inception(dest: str | os.PathLike | None = None) -> Path:  # pragma
                     tmp.write(chunk)
         except OSError as e:
             os.unlink(tmp.name)
-            raise ConfigError(f"cannot download {INCEPTION_URL}: {e}. {_missing_message()}") \
+            raise ConfigError(f"cannot download {INCEPTION_URL}: {e}; {_how_to_get()}") \
                 from None
     if not h.hexdigest().startswith(INCEPTION_SHA256_PREFIX):
         os.unlink(tmp.name)

@@ -7,7 +7,8 @@ through the network and dropped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,18 @@ def _net_device(net: InceptionV3) -> torch.device:
     return net.fc.weight.device
 
 
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """TF32 off while features are computed: cuDNN convolutions default to it on Ampere and
+    newer GPUs (a 10-bit mantissa), and the reference features are float32."""
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
+
+
 @torch.no_grad()
 def extract_features(net: InceptionV3, batches: Iterable[np.ndarray | torch.Tensor],
                      progress: Callable[[int], None] | None = None) -> Features:
@@ -51,7 +64,8 @@ def extract_features(net: InceptionV3, batches: Iterable[np.ndarray | torch.Tens
         if isinstance(b, np.ndarray):  # slices of a read-only memory map or zip stream
             b = torch.from_numpy(np.require(b, requirements=["C", "W"]))
         x = b.to(_net_device(net)).permute(0, 3, 1, 2)
-        p, z = net(x)
+        with _full_float32():
+            p, z = net(x)
         pools.append(p.cpu())
         logits.append(z.cpu())
         if progress is not None:
