@@ -534,7 +534,8 @@ def _print_scores(res: dict) -> None:
         print(f"  KID        {na}")
     else:
         print(f"  KID        {res['kid']:.6f} ± {res['kid_se']:.6f} (standard error)")
-    print(f"  IS         {res['is']:.4f} ± {res['is_std']:.4f} (std over 10 splits)")
+    print(f"  IS         {res['is']:.4f} ± {res['is_std']:.4f} "
+          f"(std over {min(10, res['num_samples'])} splits)")
     for key in ("precision", "recall"):
         value = na if res[key] is None else f"{res[key]:.4f}"
         print(f"  {key:<10} {value}   (k = 3)")
