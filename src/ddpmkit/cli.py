@@ -578,8 +578,10 @@ def cmd_fid_stats(args) -> int:
 
     from . import dist
     from .fid import Statistics, feature_stats, open_source, source_features
+    from .outputs import atomic_write, check_output
 
-    out = _output_file(args.out, (".npz",))
+    data_dir = Path(args.data) if Path(args.data).is_dir() else None
+    out = check_output(args.out, suffixes=(".npz",), data=data_dir)
     source = open_source(args.data)
     if isinstance(source, Statistics):
         raise ConfigError(f"{args.data} already holds statistics (mu, sigma)")
@@ -587,9 +589,7 @@ def cmd_fid_stats(args) -> int:
     feats = source_features(net, source, args.batch_size, limit=args.num,
                             progress=not args.no_progress)
     mu, sigma = feature_stats(feats.pool)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, num=np.array(len(feats)))
-    tmp.replace(out)
+    atomic_write(out, lambda f: np.savez(f, mu=mu, sigma=sigma, num=np.array(len(feats))))
     print(f"wrote {out}: mu [2048], sigma [2048, 2048] of {len(feats)} images of {args.data}")
     return 0
 
