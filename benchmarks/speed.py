@@ -15,9 +15,9 @@ alternates the workers round by round (A, B, C, A, B, C, ...) after warm-up, so 
 other processes hits all alike, and reports medians; a ratio is the median of the per-round
 ratios.
 
-All networks get the same weights (ours copied into diffusers' through the rename table
-``ddpmkit.nn.unet.DIFFUSERS_RENAME``), and the parent checks that their outputs agree
-before timing anything.
+All networks get the same weights (ours copied into diffusers' by
+``ddpmkit.nn.unet.diffusers_twin``: its config, and the rename table ``DIFFUSERS_RENAME``), and
+the parent checks that their outputs agree before timing anything.
 
 Measured, per contender:
   train   forward + backward + AdamW step + EMA update on the DDPM simple loss, images/s
@@ -58,7 +58,7 @@ from torch import nn
 
 from ddpmkit.config import MODEL_PRESETS
 from ddpmkit.diffusion import GaussianDiffusion
-from ddpmkit.nn.unet import UNet, count_parameters, to_diffusers_name
+from ddpmkit.nn.unet import UNet, count_parameters, diffusers_twin
 from ddpmkit.runtime import set_tf32, tune_allocator
 from ddpmkit.schedules import linear_betas
 from ddpmkit.train.ema import EMA
@@ -67,18 +67,6 @@ from ddpmkit.train.trainer import make_optimizer
 T_STEPS = 1000
 LR = 2e-4
 EMA_DECAY = 0.9999
-
-# google/ddpm-cifar10-32's published unet/config.json (attention at 16x16: the second down
-# block and, counting from the lowest resolution, the third up block), dropout as ours.
-DIFFUSERS_CONFIG = dict(
-    sample_size=32, in_channels=3, out_channels=3, center_input_sample=False,
-    time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(128, 256, 256, 256), layers_per_block=2, mid_block_scale_factor=1,
-    downsample_padding=0, act_fn="silu", attention_head_dim=None, norm_num_groups=32,
-    norm_eps=1e-6, resnet_time_scale_shift="default", dropout=0.1,
-)
 
 # "diffusers-tuned": diffusers with ddpmkit's allocator setting (ddpmkit.runtime);
 # "ddpmkit-default-malloc": ddpmkit with glibc's defaults (DDPMKIT_TUNE_MALLOC=0).
@@ -172,14 +160,6 @@ def build_ours(seed: int = 0) -> UNet:
     # zero_init=False: outputs depend on the inputs (the agreement check needs that; the
     # speed does not depend on the values).
     return UNet(MODEL_PRESETS["cifar10"], zero_init=False)
-
-
-def build_diffusers(ours: UNet | None, UNet2DModel) -> nn.Module:
-    model = UNet2DModel(**DIFFUSERS_CONFIG)
-    if ours is not None:
-        state = {to_diffusers_name(k): v for k, v in ours.state_dict().items()}
-        model.load_state_dict(state, strict=True)
-    return model
 
 
 Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -358,7 +338,7 @@ def worker_main(spec: dict) -> None:
 
     def build() -> nn.Module:
         ours = build_ours()
-        return setup.prepare(ours if lib == "ddpmkit" else build_diffusers(ours, libs[1]))
+        return setup.prepare(ours if lib == "ddpmkit" else diffusers_twin(ours))
 
     # A model to train and an untrained twin for forward and bits/dim, so that the bound is
     # computed from the same weights in every worker (training moves each net its own way:
@@ -561,7 +541,7 @@ def main(argv=None) -> None:
 
     # Same weights in both; check that they compute the same function.
     ours_cpu = build_ours()
-    theirs_cpu = build_diffusers(ours_cpu, libs[1])
+    theirs_cpu = diffusers_twin(ours_cpu)
     assert count_parameters(ours_cpu) == count_parameters(theirs_cpu) == 35_746_307
     g = torch.Generator().manual_seed(4)
     xc, tc = torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 10, 500, 999])
