@@ -137,6 +137,27 @@ def test_sections_keep_the_requested_counts_per_section():
     assert space_timesteps(10, None, "1,1") == [4, 9]  # a count of 1 keeps the section's end
 
 
+@pytest.mark.parametrize("T,steps,spacing,want", [
+    # trailing: floor(T - k T / S + 1/2) - 1, by hand. T / S not an integer, so rounding
+    # (not truncation) decides: 10 / 3: 9, 6.67 -> 7, 3.33 -> 3, minus one each.
+    (10, 3, "trailing", [2, 6, 9]),
+    (10, 4, "trailing", [2, 4, 7, 9]),          # 7.5 and 2.5 round up
+    (1000, 3, "trailing", [332, 666, 999]),
+    (100, 7, "trailing", [13, 28, 42, 56, 70, 85, 99]),
+    # quadratic: floor(T ((k + 1) / S)^2 + 1/2) - 1: 2.78, 11.1, 25, 44.4, 69.4, 100
+    (100, 6, "quadratic", [2, 10, 24, 43, 68, 99]),
+    # ... pushed apart where rounding repeats: 0.28, 1.11, 2.5, 4.44, 6.94, 10
+    (10, 6, "quadratic", [0, 1, 2, 3, 6, 9]),
+    # sections: start + floor(j (size - 1) / (count - 1) + 1/2); 9 / 2 = 4.5 rounds up
+    (10, None, "3", [0, 5, 9]),
+    (100, None, "4,5", [0, 16, 33, 49, 50, 62, 75, 87, 99]),  # 16.3, 32.7; 12.25, 24.5, 36.75
+    (11, None, "2,2", [0, 5, 6, 10]),           # 11 = 6 + 5: the first section gets the extra
+    (7, None, "1,1,1", [2, 4, 6]),              # 7 = 3 + 2 + 2, each section's last step
+])
+def test_exact_step_lists_when_the_count_does_not_divide_T(T, steps, spacing, want):
+    assert space_timesteps(T, steps, spacing) == want
+
+
 @pytest.mark.parametrize("spacing", ["", "foo", "10,,20", "10,-5", "1.5", "0,3", "10;20"])
 def test_bad_spacing_strings_raise(spacing):
     with pytest.raises(ValueError):
@@ -309,6 +330,28 @@ def test_same_seed_same_sample_whatever_the_batch(method, shape):
     assert torch.equal(a[1], b[0]) and torch.equal(a[1], c[0]) and torch.equal(a[0], c[1])
     assert not torch.allclose(a[0], a[1]) and not torch.allclose(a[1], a[2])
     assert a.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["ancestral", "ddim"])
+@pytest.mark.parametrize("shape,steps", [
+    ((2,), 100),       # 2 numbers a sample: noise drawn in blocks of 64 draws; 100 cross one
+    ((1, 16, 16), 40),  # 256 a sample: blocks of 16 draws; 40 cross two
+])
+def test_seed_gives_the_same_sample_in_any_batch_across_noise_blocks(method, shape, steps):
+    # Samples draw their noise in blocks whose length may depend on the per-sample size only.
+    # A block length that depended on the batch would agree for small batches and few steps,
+    # so: a batch of 70 (several times any block), and more steps than one block holds.
+    d = diffusion(T=100)
+    model = gaussian_oracle(d, mu=torch.tensor(0.1, dtype=F64), s=torch.tensor(0.4, dtype=F64))
+    kw = dict(method=method, steps=steps, eta=1.0, clip_denoised=False)
+    seeds = list(range(100, 170))
+    big = sample(model, d, (70, *shape), seeds=seeds, **kw)
+    for j in (0, 33, 69):
+        alone = sample(model, d, (1, *shape), seeds=[seeds[j]], **kw)
+        assert torch.equal(big[j], alone[0]), j
+    pair = sample(model, d, (2, *shape), seeds=[seeds[69], seeds[0]], **kw)
+    assert torch.equal(pair[0], big[69]) and torch.equal(pair[1], big[0])
+    assert not torch.equal(big[0], big[1])
 
 
 def test_seeded_ancestral_noise_is_per_step_and_fresh():
