@@ -256,6 +256,40 @@ def test_nearest_time_mapping_uses_integer_steps_and_agrees():
     assert (a - ref).abs().max() < 0.2 and (b - ref).abs().max() < 0.2
 
 
+def test_dpm_2m_on_a_non_uniform_grid_is_the_papers_algorithm():
+    # With time_mapping="nearest" the log-SNR grid snaps to integer steps and is no longer
+    # uniform, so the step ratio r_i = h_{i-1} / h_i differs from 1 (on the uniform grid of
+    # "interpolate", r = 1 and an inverted r would go unnoticed). Recomputed here from
+    # DPM-Solver++ Algorithm 2 (Lu et al. 2022) at the steps the sampler called the net at:
+    #   x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i,
+    #   D_i = (1 + 1 / (2 r_i)) x0_{i-1} - x0_{i-2} / (2 r_i)   (D_1 = x0_0),
+    # and the output is the data prediction at the last step.
+    d = diffusion(T=60, prediction="x0")
+    xt = x_T(B=4)
+    seen = []
+    model = gaussian_oracle(d, calls=seen)
+    got = sample(model, d, xt.shape, "dpm++2m", 12, noise=xt, clip_denoised=False,
+                 time_mapping="nearest")
+    steps = [int(t[0]) for t in seen]
+    lam = [float(lambda_at(d, torch.tensor([i]))[0]) for i in steps]
+    h = [b - a for a, b in zip(lam, lam[1:], strict=False)]
+    r = [h0 / h1 for h0, h1 in zip(h, h[1:], strict=False)]
+    assert max(abs(v - 1) for v in r) > 0.1, r  # the grid really is non-uniform
+
+    def alpha_sigma(la):
+        return math.sqrt(1 / (1 + math.exp(-2 * la))), math.sqrt(1 / (1 + math.exp(2 * la)))
+
+    x, x0_prev = xt, None
+    for i in range(len(steps) - 1):
+        x0 = model(x, torch.full((4,), steps[i]))
+        D = x0 if x0_prev is None else (1 + 1 / (2 * r[i - 1])) * x0 - x0_prev / (2 * r[i - 1])
+        (_, s_prev), (a_i, s_i) = alpha_sigma(lam[i]), alpha_sigma(lam[i + 1])
+        x = (s_i / s_prev) * x - a_i * math.expm1(-h[i]) * D
+        x0_prev = x0
+    want = model(x, torch.full((4,), steps[-1]))
+    assert torch.allclose(got, want, rtol=0, atol=1e-10)
+
+
 def test_continuous_samplers_on_a_respaced_diffusion_map_times_to_original_steps():
     d = diffusion()
     half = d.respace(list(range(1, 1000, 2)))  # odd original steps; its index u -> 2u + 1
