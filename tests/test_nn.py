@@ -425,3 +425,21 @@ def test_mlp_shape_finite_and_conditioned(out_channels):
     assert count_parameters(zero) == count_parameters(model)
     with pytest.raises(ValueError, match="shape"):
         model(torch.randn(4, 3), t[:4])
+
+
+def test_mlp_block_is_its_documented_formula():
+    # h + fc2(dropout(SiLU(fc1(SiLU(LN(h))) + time_proj(temb)))), recomputed from its own
+    # layers (eval mode: no dropout); with fc2 zeroed the block is exactly the identity.
+    from torch.nn import functional as F
+
+    from ddpmkit.nn.mlp import MLPBlock
+
+    torch.manual_seed(3)
+    block = MLPBlock(8, dropout=0.1).eval()
+    h, temb = torch.randn(5, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        want = h + block.fc2(F.silu(block.fc1(F.silu(block.norm(h))) + block.time_proj(temb)))
+        torch.testing.assert_close(block(h, temb), want, rtol=1e-6, atol=1e-6)
+        torch.nn.init.zeros_(block.fc2.weight)
+        torch.nn.init.zeros_(block.fc2.bias)
+        assert torch.equal(block(h, temb), h)
