@@ -505,6 +505,23 @@ def test_network_calls_fit_the_budget_and_callback_counts_steps(method, steps, c
         assert [int(t[0]) for t in seen] == kept[::-1]  # the network sees original indices
 
 
+@pytest.mark.parametrize("method", ["ancestral", "ddim", "dpm++2m", "dpm++3m", "heun"])
+def test_clipping_keeps_samples_inside_minus_one_to_one(method):
+    # A network that always predicts the same x0: every sampler ends on its last data
+    # prediction, so the sample is that x0, clipped to [-1, 1] (values inside, negative ones
+    # too, unchanged), or exactly it without clipping.
+    d = diffusion(T=50, prediction="x0")
+    target = torch.tensor([-3.0, -0.5, 0.4, 1.7])
+
+    def model(x, t):
+        return target.to(x).expand_as(x)
+
+    out = sample(model, d, (2, 4), method, 6, seeds=[0, 1])
+    assert torch.allclose(out, torch.tensor([-1.0, -0.5, 0.4, 1.0]).expand(2, 4), atol=1e-6)
+    raw = sample(model, d, (2, 4), method, 6, seeds=[0, 1], clip_denoised=False)
+    assert torch.allclose(raw, target.expand(2, 4), atol=1e-6)
+
+
 def test_dynamic_threshold_rescales_saturated_predictions():
     d = diffusion(T=10, schedule="cosine", prediction="x0")
     big = torch.linspace(-3, 3, 16).reshape(1, 1, 4, 4)
