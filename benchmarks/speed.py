@@ -16,8 +16,8 @@ other processes hits all alike, and reports medians; a ratio is the median of th
 ratios.
 
 All networks get the same weights (ours copied into diffusers' by
-``ddpmkit.nn.unet.diffusers_twin``: its config, and the rename table ``DIFFUSERS_RENAME``), and
-the parent checks that their outputs agree before timing anything.
+``ddpmkit.interop.unet.diffusers_twin``: the mapped config, and the rename table
+``DIFFUSERS_RENAME``), and the parent checks that their outputs agree before timing anything.
 
 Measured, per contender:
   train   forward + backward + AdamW step + EMA update on the DDPM simple loss, images/s
@@ -58,7 +58,8 @@ from torch import nn
 
 from ddpmkit.config import MODEL_PRESETS
 from ddpmkit.diffusion import GaussianDiffusion
-from ddpmkit.nn.unet import UNet, count_parameters, diffusers_twin
+from ddpmkit.interop.unet import diffusers_twin
+from ddpmkit.nn.unet import UNet, count_parameters
 from ddpmkit.runtime import set_tf32, tune_allocator
 from ddpmkit.schedules import linear_betas
 from ddpmkit.train.ema import EMA

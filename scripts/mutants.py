@@ -64,6 +64,7 @@ SAMP = "tests/test_sampling.py"
 NN = "tests/test_unet_reference.py tests/test_nn.py"
 TRAIN = "tests/test_train.py"
 DATA = "tests/test_data.py"
+INTEROP = "tests/test_interop.py"
 
 MUTANTS: list[Mutant] = [
     # ---- schedules ----------------------------------------------------------------------
@@ -305,7 +306,7 @@ MUTANTS: list[Mutant] = [
       "rows = torch.stack([w[:, :, 2], w[:, :, 0] + w[:, :, 2],", NN,
       "folded upsampling kernel sums the wrong taps"),
     M("groupnorm-eps", "nn/unet.py",
-      "GROUPNORM_EPS = 1e-6", "GROUPNORM_EPS = 1e-5", NN,
+      "GROUPNORM_EPS = 1e-6", "GROUPNORM_EPS = 1e-5", f"{NN} tests/test_interop.py",
       "GroupNorm eps 1e-5 (PyTorch's default), not the published 1e-6"),
     M("embedding-cos-sin", "nn/embeddings.py",
       "emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)",
@@ -320,6 +321,24 @@ MUTANTS: list[Mutant] = [
     M("dropout-scale", "nn/dropout.py",
       "scale = MASK_LEVELS / (MASK_LEVELS - drop)", "scale = (MASK_LEVELS - drop) / MASK_LEVELS",
       "tests/test_dropout.py", "kept activations scaled by 1 - p instead of 1 / (1 - p)"),
+
+    # ---- interop (diffusers import and export) ---------------------------------------------
+    M("interop-scaled-linear-no-square", "interop/scheduler.py",
+      "return torch.linspace(start ** 0.5, end ** 0.5, T, dtype=torch.float64) ** 2",
+      "return torch.linspace(start ** 0.5, end ** 0.5, T, dtype=torch.float64)", INTEROP,
+      "scaled_linear betas read without the square"),
+    M("interop-large-log-is-small", "interop/scheduler.py",
+      '"fixed_large": "fixed_large", "fixed_large_log": "fixed_large",',
+      '"fixed_large": "fixed_large", "fixed_large_log": "fixed_small",', INTEROP,
+      "variance_type fixed_large_log read as fixed_small"),
+    M("interop-predictions-swapped", "interop/scheduler.py",
+      '_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}',
+      '_PREDICTIONS = {"epsilon": "eps", "sample": "v", "v_prediction": "x0"}', INTEROP,
+      "prediction_type sample and v_prediction swapped"),
+    M("interop-legacy-key-value", "interop/unet.py",
+      '(r"\\.key\\.", ".to_k."), (r"\\.value\\.", ".to_v.")',
+      '(r"\\.key\\.", ".to_v."), (r"\\.value\\.", ".to_k.")', INTEROP,
+      "old diffusers attention names: key and value swapped"),
 
     # ---- train ----------------------------------------------------------------------------
     M("ema-lerp-weight", "train/ema.py",
@@ -336,7 +355,7 @@ MUTANTS: list[Mutant] = [
       "self.ema.state_dict(), tensors, state, self.cfg,",
       "self.model.state_dict(), tensors, state, self.cfg,", TRAIN,
       "ema.safetensors written from the raw weights"),
-    M("inference-loads-raw", "train/trainer.py",
+    M("inference-loads-raw", "load.py",
       "model.load_state_dict(ckpt.ema if use_ema else ckpt.model)",
       "model.load_state_dict(ckpt.model if use_ema else ckpt.ema)", TRAIN,
       "sample/eval load the raw weights when asked for the EMA"),

@@ -141,9 +141,9 @@ def test_checkpoints_hold_the_ema_the_trainer_held(tmp_path, monkeypatch):
         far = max(far, float((raw[k].double() - want).abs().max()))
     assert far > 1e-3  # the raw weights moved away from their average
     # and what sample/eval load by default is that average
-    from ddpmkit.train.trainer import load_for_inference
+    import ddpmkit
 
-    run = load_for_inference(result.checkpoint, device="cpu")
+    run = ddpmkit.load(result.checkpoint, device="cpu")
     for k, v in run.model.state_dict().items():
         assert torch.equal(v, saved[k]), k
 

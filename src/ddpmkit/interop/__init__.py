@@ -1,4 +1,5 @@
-"""Hugging Face diffusers interoperability: import and export, with no diffusers import.
+"""Hugging Face diffusers interoperability: import and export, with no diffusers import
+(``unet.diffusers_twin``, which builds diffusers' network for comparisons, is the exception).
 
 - :mod:`.unet`: ``UNet2DModel`` config <-> :class:`~ddpmkit.config.ModelConfig`, weight names.
 - :mod:`.scheduler`: ``DDPMScheduler`` config <-> diffusion settings (betas, prediction,

@@ -27,7 +27,7 @@ from ..errors import CheckpointError, ConfigError
 from ..nn.unet import GROUPNORM_EPS, to_diffusers_name
 
 __all__ = ["UNET2D_DEFAULTS", "model_config_from_unet2d", "unet2d_config_from_model",
-           "to_diffusers_state_dict", "from_diffusers_state_dict"]
+           "to_diffusers_state_dict", "from_diffusers_state_dict", "diffusers_twin"]
 
 # UNet2DModel.__init__'s defaults (diffusers 0.42): what a field left out of config.json means.
 UNET2D_DEFAULTS: dict[str, Any] = {
@@ -178,6 +178,19 @@ def unet2d_config_from_model(cfg: ModelConfig) -> dict:
 def to_diffusers_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our U-Net's state dict -> ``UNet2DModel`` names (same tensors, contiguous)."""
     return {to_diffusers_name(k): v.detach().contiguous() for k, v in state.items()}
+
+
+def diffusers_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """diffusers' ``UNet2DModel`` holding our U-Net ``model``'s weights: the same function.
+
+    For tests and benchmarks that compare the two (the one place that builds the twin). The
+    only function here that imports diffusers (``pip install diffusers``, in the dev extra).
+    """
+    from diffusers import UNet2DModel
+
+    twin = UNet2DModel(**unet2d_config_from_model(model.config))
+    twin.load_state_dict(to_diffusers_state_dict(model.state_dict()), strict=True)
+    return twin
 
 
 _LEGACY_ATTN = [(r"\.query\.", ".to_q."), (r"\.key\.", ".to_k."), (r"\.value\.", ".to_v."),

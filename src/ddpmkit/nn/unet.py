@@ -63,8 +63,6 @@ __all__ = [
     "count_parameters",
     "DIFFUSERS_RENAME",
     "to_diffusers_name",
-    "diffusers_config",
-    "diffusers_twin",
 ]
 
 # Our state-dict names -> diffusers' UNet2DModel names, applied in order (see the module
@@ -92,53 +90,6 @@ def to_diffusers_name(name: str) -> str:
 
 
 GROUPNORM_EPS = 1e-6  # the published networks (TF default 1e-6), not PyTorch's 1e-5
-
-
-def diffusers_config(cfg: ModelConfig) -> dict:
-    """The ``UNet2DModel(**kwargs)`` arguments of the network that ``cfg`` builds.
-
-    Same layout, so :func:`to_diffusers_name` maps the weights 1:1; for
-    ``MODEL_PRESETS["cifar10"]`` this is google/ddpm-cifar10-32's published config. Pure (no
-    diffusers import). Raises ConfigError for what diffusers cannot express: several heads
-    over attention widths that differ (diffusers fixes the head size, we fix the count).
-    """
-    _validate(cfg)
-    widths = [cfg.channels * m for m in cfg.channel_mult]
-    attends = [cfg.image_size // 2**i in cfg.attention_resolutions
-               for i in range(len(widths))]
-    head_dim = None  # diffusers: one head as wide as the block
-    if cfg.num_heads > 1:
-        attn_widths = {w for w, a in zip(widths, attends, strict=True) if a} | {widths[-1]}
-        if len(attn_widths) > 1:
-            raise ConfigError(f"num_heads={cfg.num_heads} over attention widths "
-                              f"{sorted(attn_widths)}: diffusers' UNet2DModel has one head "
-                              "size for all of them")
-        head_dim = attn_widths.pop() // cfg.num_heads
-    return dict(
-        sample_size=cfg.image_size, in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels or cfg.in_channels, center_input_sample=False,
-        time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attends),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
-        block_out_channels=tuple(widths), layers_per_block=cfg.num_res_blocks,
-        mid_block_scale_factor=1, downsample_padding=0, act_fn="silu",
-        attention_head_dim=head_dim, norm_num_groups=cfg.groups, norm_eps=GROUPNORM_EPS,
-        resnet_time_scale_shift="default", dropout=cfg.dropout,
-    )
-
-
-def diffusers_twin(model: UNet) -> nn.Module:
-    """diffusers' ``UNet2DModel`` holding ``model``'s weights (same outputs, to float rounding).
-
-    For tests and benchmarks that compare against diffusers; imports diffusers (not a
-    dependency of ddpmkit: ``pip install diffusers``).
-    """
-    from diffusers import UNet2DModel
-
-    twin = UNet2DModel(**diffusers_config(model.config))
-    twin.load_state_dict({to_diffusers_name(k): v for k, v in model.state_dict().items()},
-                         strict=True)
-    return twin
 
 
 def _silu(x: Tensor) -> Tensor:
