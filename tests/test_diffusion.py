@@ -190,7 +190,8 @@ def test_vlb_loss_averaged_over_every_t_is_the_bound(variance):
 
     bpd = d.bits_per_dim(model, x0, levels=17, clip_denoised=False, seed=4)
     t = torch.arange(T)
-    noise = torch.stack([torch.randn(x0.shape[1:], generator=_pair_generator(4, 0, i))
+    noise = torch.stack([torch.randn(x0.shape[1:],
+                                     generator=torch.Generator().manual_seed(pair_seed(4, 0, i)))
                          for i in range(T)]).double()
     loss = d.training_losses(model, x0.expand(T, -1, -1, -1), t, noise, levels=17)["loss"]
     terms = bpd["terms"][0]

@@ -49,6 +49,13 @@ def test_ema_update_follows_its_formula():
         ema.update(net, 0.9)
         for v in ema.state_dict().values():
             assert torch.allclose(v, torch.full_like(v, 1 - 0.9 ** k), rtol=0, atol=1e-6), (k, v)
+    # the same update decided on the device: applied where the flag is true, skipped where not
+    ema.update(net, 0.9, where=torch.tensor(False))
+    for v in ema.state_dict().values():
+        assert torch.allclose(v, torch.full_like(v, 1 - 0.9 ** 3), rtol=0, atol=1e-6)
+    ema.update(net, 0.9, where=torch.tensor(True))
+    for v in ema.state_dict().values():
+        assert torch.allclose(v, torch.full_like(v, 1 - 0.9 ** 4), rtol=0, atol=1e-6)
     ema.update(net, 0.0)  # decay 0: the current weights exactly
     assert all(torch.equal(v, torch.ones_like(v)) for v in ema.state_dict().values())
     other = torch.nn.Linear(3, 2)
@@ -117,12 +124,13 @@ def test_checkpoints_hold_the_ema_the_trainer_held(tmp_path, monkeypatch):
             self.decays = []
             held.append(self)
 
-        def update(self, model, decay):
-            for k, v in model.state_dict().items():
-                if k in self.expected:
-                    self.expected[k] = decay * self.expected[k] + (1 - decay) * v.double()
-            self.decays.append(decay)
-            super().update(model, decay)
+        def update(self, model, decay, where=None):
+            if where is None or bool(where):  # a skipped (non-finite) step leaves it alone
+                for k, v in model.state_dict().items():
+                    if k in self.expected:
+                        self.expected[k] = decay * self.expected[k] + (1 - decay) * v.double()
+                self.decays.append(decay)
+            super().update(model, decay, where=where)
 
     monkeypatch.setattr(trainer_mod, "EMA", RecordingEMA)
     # half-life 100 images at 16 per step: decay 0.5 ** 0.16 = 0.895, so after 4 steps the
