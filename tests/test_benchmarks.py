@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.mark.parametrize("script", ["speed.py", "ablate.py", "grad_checkpointing.py",
-                                    "quality_vs_steps.py"])
+                                    "quality_vs_steps.py", "guidance.py"])
 def test_benchmark_help(script):
     out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
                          text=True, timeout=120)

@@ -1,5 +1,5 @@
 """The ``ddpmkit`` command: train | sample | eval | show | encode | export | fid | fid-stats |
-config.
+config, and (cli_edit.py) inpaint | edit | interpolate.
 
 Flags come from the config dataclasses (config.py), so a flag, a config-file key and a field
 of the saved ``config.json`` are always the same thing. Errors that the user can fix print one
@@ -221,6 +221,14 @@ def cmd_sample(args) -> int:
     def size(start: int) -> int:
         return min(sc.batch_size, sc.num - start)
 
+    labels = _sample_labels(args.class_label, run.config.model.num_classes, sc)
+    if labels is None and args.guidance is not None:
+        raise ConfigError("--guidance needs --class K|all (it mixes the class and the "
+                          "unconditional prediction)")
+    if labels is not None and len(labels) != sc.num:  # --class all: --num per class
+        sc = C.section_from_dict(C.SampleConfig, {"num": len(labels)}, base=sc)
+        starts = list(range(0, sc.num, sc.batch_size))
+        owned = [starts[r::world] for r in range(world)]
     bar = _progress_bar(args, "sample") if dist.is_main() else None
     image = run.kind == "image"
     c, *hw = run.data_shape
@@ -234,7 +242,9 @@ def cmd_sample(args) -> int:
                    steps=sc.steps or None, spacing=sc.spacing, eta=sc.eta,
                    clip_denoised=sc.clip_denoised and clip_denoised_for(run.kind),
                    seeds=range(sc.seed + start, sc.seed + start + n), device=run.device,
-                   callback=_step_callback(bar, n, start == 0))
+                   callback=_step_callback(bar, n, start == 0),
+                   y=None if labels is None else labels[start:start + n],
+                   guidance=sc.guidance if labels is not None else 1.0)
         chunks.append(torch.from_numpy(to_uint8(x)) if image else x.float().cpu())
     if bar is not None:
         bar.close()
@@ -249,14 +259,37 @@ def cmd_sample(args) -> int:
         _write_npz(out, arr_0=x.numpy() if image else x.numpy().astype(np.float32))
     elif out.suffix.lower() == ".png":
         if image:  # uint8 -> [-1, 1] floats that the grid maps back to the same bytes
-            viz.save_image_grid(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0, out)
+            rows = args.class_label == "all"  # one row per class
+            viz.save_image_grid(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0, out,
+                                nrow=len(x) // run.config.model.num_classes if rows else None)
         else:
             viz.plot_points(x, out, title=f"{sc.num} samples ({sc.sampler})")
     else:
         viz.plot_points(x, out, title=f"{sc.num} samples ({sc.sampler})")
+    what = "" if labels is None else (f", class {args.class_label}, guidance {sc.guidance:g}")
     print(f"wrote {sc.num} samples ({sc.sampler}, {sc.steps or run.diffusion.num_timesteps} "
-          f"steps) to {out}")
+          f"steps{what}) to {out}")
     return 0
+
+
+def _sample_labels(class_label: str | None, num_classes: int, sc: C.SampleConfig):
+    """--class K (every sample class K) or all (--num per class, class-major) -> int64 labels,
+    or None without --class. Errors name the flag."""
+    if class_label is None:
+        return None
+    if not num_classes:
+        raise ConfigError("--class needs a class-conditional model (train with --class-cond)")
+    import torch
+    if class_label == "all":
+        return torch.arange(num_classes).repeat_interleave(sc.num)
+    try:
+        k = int(class_label)
+    except ValueError:
+        raise ConfigError(f"--class {class_label!r}: use a class number or 'all'") from None
+    if not 0 <= k < num_classes:
+        raise ConfigError(f"--class {k} is out of range: this model has classes "
+                          f"0..{num_classes - 1}")
+    return torch.full((sc.num,), k, dtype=torch.long)
 
 
 def _progress_bar(args, desc):
@@ -304,18 +337,32 @@ def cmd_eval(args) -> int:
         levels = args.levels
     x = data.x if args.max_examples is None else data.x[:args.max_examples]
     dist.init_process_group(run.device)
-    res = evaluate_bpd(run.model, run.diffusion, x, levels, batch_size=args.batch_size,
-                       seed=args.seed, clip_denoised=clip_denoised_for(data.kind),
-                       progress=not args.no_progress, device=run.device)
-    res.update(checkpoint=str(run.path), split=args.split, levels=levels,
-               data=data_cfg.name)
+    # A class-conditional model is evaluated twice: with the true labels (-log p(x | y)) and
+    # through its null class (-log p(x)).
+    passes = [("", None)]
+    if run.config.model.num_classes:
+        from .train.labels import require_labels
+        labels = require_labels(data_cfg, args.split, data)[:len(x)]
+        passes = [("-log p(x | y), true labels", labels), ("-log p(x), null class", None)]
+    results = []
+    for title, y in passes:
+        res = evaluate_bpd(run.model, run.diffusion, x, levels, batch_size=args.batch_size,
+                           seed=args.seed, clip_denoised=clip_denoised_for(data.kind),
+                           progress=not args.no_progress, device=run.device, y=y)
+        res.update(checkpoint=str(run.path), split=args.split, levels=levels,
+                   data=data_cfg.name)
+        if title:
+            res["bound"] = "conditional" if y is not None else "unconditional"
+        results.append((title, res))
     if not dist.is_main():
         return 0
-    if args.json:
-        print(json.dumps({k: v for k, v in res.items() if k not in ("per_example",)}))
-    else:
+    for title, res in results:
+        if args.json:
+            print(json.dumps({k: v for k, v in res.items() if k not in ("per_example",)}))
+            continue
         unit = "bits/dim" if levels is not None else "bits/dim (continuous density)"
-        print(f"{data_cfg.name} {args.split}: {res['n']} examples, T = {res['timesteps']}")
+        print(f"{data_cfg.name} {args.split}: {res['n']} examples, T = {res['timesteps']}"
+              + (f"; {title}" if title else ""))
         print(f"  negative log-likelihood bound  {res['bits_per_dim']:.4f} "
               f"± {res['stderr']:.4f} {unit}")
         print(f"    L_T  (prior)                 {_term(res['prior'])}")
@@ -707,6 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _add_tf32(p)
     _add_common(p)
+    p.add_argument("--class", dest="class_label", metavar="K|all",
+                   help="class-conditional models: every sample of class K, or 'all' (--num "
+                        "per class, one grid row per class); default: unconditional")
     C.add_flags(p, C.SampleConfig, group_title="sampling options")
     p.set_defaults(func=cmd_sample)
 
@@ -786,6 +836,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_fid_parsers(sub, fmt)
 
+    from .cli_edit import add_commands
+    add_commands(sub, _int_at_least, fmt)
+
     p = sub.add_parser("config", help="print a preset as TOML, to start a config file from")
     p.add_argument("preset", choices=list(C.RUN_PRESETS))
     _add_common(p)
@@ -841,7 +894,8 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 0
     try:
-        if args.command in ("train", "sample", "eval", "encode"):
+        if args.command in ("train", "sample", "eval", "encode", "inpaint", "edit",
+                            "interpolate"):
             from .runtime import tune_allocator
             tune_allocator()  # ~1.1x faster CPU steps; DDPMKIT_TUNE_MALLOC=0 opts out
         with _tidy_warnings(args.debug):

@@ -30,7 +30,7 @@ PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 LOSSES = ("simple", "vlb", "hybrid")
 
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Model = Callable[..., torch.Tensor]  # model(x_t, t) or model(x_t, t, y)
 
 
 @dataclass
@@ -308,9 +308,14 @@ class GaussianDiffusion:
         variance, log_variance = self.model_variance(var_values, x_t, t)
         return PMeanVariance(mean, variance, log_variance, pred_x0, pred_eps)
 
-    def call_model(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Run the network at step indices ``t`` (mapped to the original steps if respaced)."""
-        return model(x_t, self.model_timesteps(t))
+    def call_model(self, model: Model, x_t: torch.Tensor, t: torch.Tensor,
+                   y: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the network at step indices ``t`` (mapped to the original steps if respaced),
+        with class labels ``y`` [B] when given (``model(x_t, t)`` otherwise, so networks
+        without labels keep their two-argument contract)."""
+        if y is None:
+            return model(x_t, self.model_timesteps(t))
+        return model(x_t, self.model_timesteps(t), y)
 
     # ---- the variational bound -------------------------------------------------------------
 
@@ -342,8 +347,8 @@ class GaussianDiffusion:
         return torch.where(t == 0, decoder_nll, kl) / math.log(2.0)
 
     def training_losses(self, model: Model, x0: torch.Tensor, t: torch.Tensor | None = None,
-                        noise: torch.Tensor | None = None,
-                        levels: int | None = 256) -> dict[str, torch.Tensor]:
+                        noise: torch.Tensor | None = None, levels: int | None = 256,
+                        y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-example training losses at steps ``t`` (uniform if None); the caller reduces.
 
         - "simple": ||target - prediction||^2 averaged over dimensions (DDPM eq. 14 for eps).
@@ -351,6 +356,7 @@ class GaussianDiffusion:
           uniform t; the decoder term at t = 0.
         - "hybrid": simple + lambda * T * L_t (Improved DDPM eq. 16), where the bound term sees
           the mean with its gradient stopped, so it trains only the variance (sec. 3.1).
+        ``y`` [B]: class labels for a class-conditional network (None: none passed).
         Returns a dict with "loss" [B] and its parts ("mse", "vb") where they apply.
         """
         B = x0.shape[0]
@@ -359,7 +365,7 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
-        model_output = self.call_model(model, x_t, t)
+        model_output = self.call_model(model, x_t, t, y)
         terms: dict[str, torch.Tensor] = {}
         pred, var_values = self.split_output(model_output, x_t)
         T = self.num_timesteps
@@ -386,13 +392,17 @@ class GaussianDiffusion:
     def bits_per_dim(self, model: Model, x0: torch.Tensor, levels: int | None = 256,
                      clip_denoised: bool = True, seed: int = 0,
                      example_ids: torch.Tensor | None = None, batch_size: int = 256,
-                     progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+                     progress: Callable[[int], None] | None = None,
+                     y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The full bound -log p(x_0) <= L_T + sum_{t>1} L_{t-1} + L_0 (DDPM eq. 5), in bits/dim.
 
         Every term is evaluated (no sampling of t), each with its own noise. The noise for
         example ``example_ids[j]`` at step t comes from a generator seeded by (seed, id, t), so
         the figure does not depend on ``batch_size`` or on how examples are split over calls or
         processes. Network calls are batched over (example, t) pairs, ``batch_size`` at a time.
+
+        ``y`` [B]: class labels for a class-conditional network, giving the bound on
+        -log p(x_0 | y); a conditional network's null class gives the bound on -log p(x_0).
 
         Returns {"total": [B], "prior": [B], "terms": [B, T]} (terms[:, 0] is L_0), float64.
         """
@@ -416,7 +426,8 @@ class GaussianDiffusion:
             js_d, tb = js.to(device), ts.to(device)
             xb = x0[js_d]
             x_t = self.q_sample(xb, tb, noise)
-            model_output = self.call_model(model, x_t, tb)
+            yb = None if y is None else y[js.to(y.device)]
+            model_output = self.call_model(model, x_t, tb, yb)
             # The bound's arithmetic runs in at least float32, whatever the network's dtype.
             dt = torch.promote_types(x0.dtype, torch.float32)
             vb = self.vb_terms_bpd(model_output.to(dt), xb.to(dt), x_t.to(dt), tb,

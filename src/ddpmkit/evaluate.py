@@ -19,8 +19,11 @@ from .diffusion import GaussianDiffusion
 def evaluate_bpd(model: Callable, diffusion: GaussianDiffusion, x: torch.Tensor,
                  levels: int | None, batch_size: int = 512, seed: int = 0,
                  clip_denoised: bool = True, progress: bool = True,
-                 device: torch.device | None = None) -> dict:
+                 device: torch.device | None = None, y: torch.Tensor | None = None) -> dict:
     """Bits/dim of every example of ``x`` [N, ...] under the full bound (DDPM eq. 5).
+
+    ``y`` [N]: class labels for a class-conditional model (the bound on -log p(x | y)); a
+    conditional model without ``y`` runs on its null class (the bound on -log p(x)).
 
     Returns a dict of floats: "bits_per_dim" (mean total) with its standard error "stderr",
     "prior" (L_T), "diffusion" (sum of L_{t-1}, t >= 2), "decoder" (L_0), the example count
@@ -45,7 +48,8 @@ def evaluate_bpd(model: Callable, diffusion: GaussianDiffusion, x: torch.Tensor,
         out = diffusion.bits_per_dim(model, x[sel].to(device), levels=levels,
                                      clip_denoised=clip_denoised, seed=seed, example_ids=sel,
                                      batch_size=batch_size,
-                                     progress=bar.update if bar is not None else None)
+                                     progress=bar.update if bar is not None else None,
+                                     y=None if y is None else y[sel].to(device))
         totals[sel], priors[sel], terms[sel] = out["total"], out["prior"], out["terms"]
     if bar is not None:
         bar.close()

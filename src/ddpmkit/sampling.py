@@ -35,6 +35,14 @@ answer, linear schedule; Gaussian / 3-component mixture data): at 20 calls dpm++
 dpm++2m beats 3m (third-order extrapolation over large log-SNR steps overshoots); EDM's Heun
 with rho = 7 over this schedule's sigma range [0.01, 158] needs >= ~40 calls to pay off.
 
+Classifier-free guidance (Ho & Salimans 2022). With labels ``y``, every sampler runs on
+:func:`guided_model`, a closure over the network that returns
+out_uncond + S (out_cond - out_uncond) from one batched call on [x; x] with labels
+[y; null]. Combining the raw outputs is the same as combining eps (or x0, or v): for fixed
+x_t and t each is an affine function of the output, and the weights (1 - S, S) sum to one.
+A learned variance is taken from the conditional half (only the mean is guided). S = 1 is
+the conditional network alone and S = 0 the null class alone, each one plain call.
+
 Noise. With ``seeds``, sample j draws all its noise (x_T, then every step's fresh noise)
 from its own ``torch.Generator`` on the sampling device, seeded with ``seeds[j]``, so a seed
 gives the same sample whatever the batch it is in (on a given device type: CPU and CUDA
@@ -58,6 +66,7 @@ __all__ = [
     "space_timesteps",
     "ddim_invert",
     "ddim_reconstruct",
+    "guided_model",
     "METHODS",
     "TIME_MAPPINGS",
 ]
@@ -66,7 +75,7 @@ METHODS = ("ancestral", "ddim", "dpm++2m", "dpm++3m", "heun")
 TIME_MAPPINGS = ("interpolate", "nearest")
 EDM_RHO = 7.0  # EDM eq. 5: rho = 7 spends more steps at low noise than uniform sigma
 
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Model = Callable[..., torch.Tensor]  # model(x_t, t) -> output, or model(x_t, t, y)
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 Draw = Callable[[], torch.Tensor]  # next standard-normal tensor of the batch's shape
 Denoise = Callable[[torch.Tensor], torch.Tensor]  # predicted x0 -> thresholded x0
@@ -144,6 +153,78 @@ def space_timesteps(T: int, steps: int | None, spacing: str = "trailing") -> lis
     return kept
 
 
+# ---- classifier-free guidance ---------------------------------------------------------------
+
+def check_labels(y, batch: int, num_classes: int) -> torch.Tensor:
+    """Labels as an int64 tensor [batch] (a scalar or a single label is repeated), each in
+    [0, num_classes); anything else is a :class:`~ddpmkit.errors.ConfigError` in one line."""
+    if num_classes < 1:
+        raise ConfigError("class labels need a class-conditional model (this one was trained "
+                          "without labels: num_classes = 0)")
+    y = torch.as_tensor(y)
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ConfigError(f"class labels must be integers, got {y.dtype}")
+    y = y.long().reshape(-1)
+    if y.numel() == 1:
+        y = y.expand(batch)
+    if y.numel() != batch:
+        raise ConfigError(f"got {y.numel()} class labels for a batch of {batch}")
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        raise ConfigError(f"class label {int(y[bad][0])} is out of range: this model has "
+                          f"classes 0..{num_classes - 1}")
+    return y
+
+
+def guided_model(model: Model, y: torch.Tensor, guidance: float = 1.0,
+                 null_class: int | None = None) -> Model:
+    """``model`` with labels ``y`` [B] and classifier-free guidance scale ``guidance`` (S):
+
+        out = out(x, t, null) + S (out(x, t, y) - out(x, t, null))
+
+    returned as a two-argument model ``(x_t, t) -> output`` for any sampler. Cond and uncond
+    run as one batched call on [x; x]; with a learned variance (output of 2C channels for C
+    data channels) the variance half comes from the conditional call. ``null_class``
+    defaults to ``model.num_classes`` (our networks' null index). S = 1 and S = 0 make one
+    plain call with ``y`` or the null class.
+    """
+    if null_class is None:
+        null_class = int(getattr(model, "num_classes", 0) or 0)
+    y = check_labels(y, int(torch.as_tensor(y).numel()), null_class)
+    S = float(guidance)
+    if not math.isfinite(S):
+        raise ConfigError(f"guidance={guidance!r} must be a finite number")
+    null = torch.full_like(y, null_class)
+    if S == 1.0:
+        return lambda x, t: model(x, t, y.to(x.device))
+    if S == 0.0:
+        return lambda x, t: model(x, t, null.to(x.device))
+    labels = torch.cat([y, null])
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        out = model(torch.cat([x, x]), torch.cat([t, t]), labels.to(x.device))
+        cond, uncond = out.chunk(2)
+        C = x.shape[1]
+        if out.shape[1] == 2 * C:  # learned variance: guide the mean part only
+            mean = uncond[:, :C] + S * (cond[:, :C] - uncond[:, :C])
+            return torch.cat([mean, cond[:, C:]], dim=1)
+        return uncond + S * (cond - uncond)
+    return guided
+
+
+def _with_labels(model: Model, y, guidance: float, batch: int) -> Model:
+    """The model a sampler runs: ``model`` itself without labels, else :func:`guided_model`."""
+    if y is None:
+        if float(guidance) != 1.0:
+            raise ConfigError("guidance needs class labels y (classifier-free guidance mixes the "
+                              "conditional and the unconditional prediction)")
+        return model
+    null_class = int(getattr(model, "num_classes", 0) or 0)
+    return guided_model(model, check_labels(y, batch, null_class), guidance, null_class)
+
+
 # ---- shared pieces ------------------------------------------------------------------------
 
 def _thresholder(clip_denoised: bool, dynamic_threshold: float | None) -> Denoise | None:
@@ -212,16 +293,22 @@ def _ancestral(model: Model, diffusion: GaussianDiffusion, x: torch.Tensor, draw
     """
     K = diffusion.num_timesteps
     for n, i in enumerate(reversed(range(K))):
-        x0, _, var_values, t = _predict_at_index(model, diffusion, x, i, post)
-        mean, _, _ = diffusion.q_posterior(x0, x, t)
-        if i > 0:
-            _, log_variance = diffusion.model_variance(var_values, x, t)
-            x = mean + torch.exp(0.5 * log_variance) * draw()
-        else:
-            x = mean  # the posterior at t = 1 is a point mass: mean == x0 exactly
+        x, x0 = ancestral_step(model, diffusion, x, i, draw, post)
         if callback is not None:
             callback(n, K, x, x0)
     return x
+
+
+def ancestral_step(model: Model, diffusion: GaussianDiffusion, x: torch.Tensor, i: int,
+                   draw: Draw, post: Denoise | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of DDPM Algorithm 2 at index ``i``: x at level alpha_bar[i] -> (x at level
+    alpha_bar[i - 1] (clean data for i = 0, no noise added), the step's x0 prediction)."""
+    x0, _, var_values, t = _predict_at_index(model, diffusion, x, i, post)
+    mean, _, _ = diffusion.q_posterior(x0, x, t)
+    if i == 0:
+        return mean, x0  # the posterior at t = 1 is a point mass: mean == x0 exactly
+    _, log_variance = diffusion.model_variance(var_values, x, t)
+    return mean + torch.exp(0.5 * log_variance) * draw(), x0
 
 
 # ---- DDIM ---------------------------------------------------------------------------------
@@ -509,8 +596,9 @@ def sample(model: Model, diffusion: GaussianDiffusion, shape: Sequence[int],
            eta: float = 0.0, clip_denoised: bool = True, dynamic_threshold: float | None = None,
            seeds: Sequence[int] | None = None, generator: torch.Generator | None = None,
            device: torch.device | str | None = None, noise: torch.Tensor | None = None,
-           callback: Callback | None = None,
-           time_mapping: str = "interpolate") -> torch.Tensor:
+           callback: Callback | None = None, time_mapping: str = "interpolate",
+           y: torch.Tensor | Sequence[int] | int | None = None,
+           guidance: float = 1.0) -> torch.Tensor:
     """Draw samples [B, ...] = ``shape`` by running the reverse process from x_T ~ N(0, I).
 
     Args:
@@ -536,6 +624,10 @@ def sample(model: Model, diffusion: GaussianDiffusion, shape: Sequence[int],
         callback: ``callback(i, n, x, pred_x0)`` after step i of n (x: the current state in
             the data's scaling, pred_x0: that step's x0 prediction).
         time_mapping: "interpolate" (fractional t) or "nearest" (integer t) for dpm++/heun.
+        y: class labels [B] (or one label for all) for a class-conditional model, each in
+            [0, model.num_classes); None: unconditional (a conditional net's null class).
+        guidance: classifier-free guidance scale S (see :func:`guided_model`): 1 the plain
+            conditional model, 0 the unconditional one, > 1 sharper class adherence.
 
     Returns x_0 [B, ...] on ``device`` in the sampling dtype.
     """
@@ -566,6 +658,7 @@ def sample(model: Model, diffusion: GaussianDiffusion, shape: Sequence[int],
         dtype = noise.dtype
     else:
         dtype = torch.float32
+    model = _with_labels(model, y, guidance, shape[0])
     post = _thresholder(clip_denoised, dynamic_threshold)
     draw = _noise_source(shape, dtype, device, seeds, generator)
     x = noise.to(device) if noise is not None else draw()
@@ -588,7 +681,9 @@ def sample(model: Model, diffusion: GaussianDiffusion, shape: Sequence[int],
 def ddim_invert(model: Model, diffusion: GaussianDiffusion, x0: torch.Tensor,
                 steps: int | None = None, *, spacing: str = "trailing",
                 clip_denoised: bool = True, dynamic_threshold: float | None = None,
-                callback: Callback | None = None) -> torch.Tensor:
+                callback: Callback | None = None,
+                y: torch.Tensor | Sequence[int] | int | None = None,
+                guidance: float = 1.0) -> torch.Tensor:
     """DDIM inversion: run the deterministic (eta = 0) DDIM ODE forward, data -> x_T.
 
     Over the kept steps k_0 < ... < k_{K-1} = T - 1 (the ones ``sample(method="ddim")`` uses),
@@ -601,8 +696,10 @@ def ddim_invert(model: Model, diffusion: GaussianDiffusion, x0: torch.Tensor,
     pays for the change of x within a step, not of t; measured with an exact Gaussian
     denoiser this halves to thirds the reconstruction error of evaluating at the source step
     (guided-diffusion's ``ddim_reverse_sample``). Still first order: ``ddim_reconstruct``
-    has an O(1 / K) error. K network calls. x0 [B, ...] -> x_T [B, ...].
+    has an O(1 / K) error. K network calls. x0 [B, ...] -> x_T [B, ...]. ``y`` and
+    ``guidance`` as in :func:`sample` (invert with the labels the decode will use).
     """
+    model = _with_labels(model, y, guidance, x0.shape[0])
     post = _thresholder(clip_denoised, dynamic_threshold)
     kept = space_timesteps(diffusion.num_timesteps, steps, spacing)
     alpha_bar = diffusion.alpha_bar.tolist()
@@ -620,14 +717,15 @@ def ddim_invert(model: Model, diffusion: GaussianDiffusion, x0: torch.Tensor,
 
 def ddim_reconstruct(model: Model, diffusion: GaussianDiffusion, x0: torch.Tensor,
                      steps: int | None = None, *, spacing: str = "trailing",
-                     clip_denoised: bool = True, dynamic_threshold: float | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     clip_denoised: bool = True, dynamic_threshold: float | None = None,
+                     y: torch.Tensor | Sequence[int] | int | None = None,
+                     guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert x0 [B, ...] with :func:`ddim_invert`, then sample it back with deterministic DDIM
     over the same steps. Returns (x_T, reconstruction), both [B, ...]; the reconstruction
     error (e.g. ``(rec - x0).abs().max()``) is the caller's to report."""
     x_T = ddim_invert(model, diffusion, x0, steps, spacing=spacing, clip_denoised=clip_denoised,
-                      dynamic_threshold=dynamic_threshold)
+                      dynamic_threshold=dynamic_threshold, y=y, guidance=guidance)
     rec = sample(model, diffusion, tuple(x0.shape), "ddim", steps, spacing=spacing, eta=0.0,
                  clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold, noise=x_T,
-                 device=x0.device)
+                 device=x0.device, y=y, guidance=guidance)
     return x_T, rec

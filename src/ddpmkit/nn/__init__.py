@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import MAX_PARAMETERS, ModelConfig
 from ..errors import ConfigError
-from .embeddings import TimeEmbedding, timestep_embedding
+from .embeddings import ClassEmbedding, TimeEmbedding, timestep_embedding
 from .mlp import MLP_PRESETS, MLPDenoiser
 from .unet import (
     UNET_PRESETS,
@@ -25,6 +25,7 @@ __all__ = [
     "UNet",
     "MLPDenoiser",
     "TimeEmbedding",
+    "ClassEmbedding",
     "timestep_embedding",
     "build_unet",
     "build_model",

@@ -1,4 +1,4 @@
-"""Timestep embeddings shared by the U-Net and the MLP denoiser."""
+"""Timestep and class embeddings shared by the U-Net and the MLP denoiser."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["timestep_embedding", "TimeEmbedding"]
+__all__ = ["timestep_embedding", "TimeEmbedding", "ClassEmbedding"]
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -54,3 +54,37 @@ class TimeEmbedding(nn.Module):
         # .to(torch.bfloat16) works without autocast; under autocast Linear recasts anyway.
         emb = timestep_embedding(t, self.dim).to(self.linear_1.weight.dtype)
         return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+class ClassEmbedding(nn.Module):
+    """A learned vector per class, added to the timestep embedding (as improved-diffusion's
+    class-conditional U-Net and diffusers' ``class_embedding`` do).
+
+    ``num_classes + 1`` rows: index ``num_classes`` is the null class ("no label"), which
+    the trainer gives to a share of the examples so that one network learns both p(x | y) and
+    p(x) for classifier-free guidance (Ho & Salimans 2022). ``y`` [B] int64 labels in
+    [0, num_classes], or None for the null class -> [B, dim].
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        else:
+            y = torch.as_tensor(y, device=device)
+            if y.ndim == 0:
+                y = y.expand(batch)
+            if y.shape != (batch,) or y.dtype.is_floating_point or y.dtype == torch.bool:
+                raise ValueError(f"expected integer labels y of shape [{batch}], got "
+                                 f"{y.dtype} {list(y.shape)}")
+            # Checked on the CPU only: on a GPU it would cost a host sync per forward (the
+            # samplers and the trainer check labels once, up front).
+            if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0
+                                                         or int(y.max()) > self.num_classes):
+                raise ValueError(f"labels must be in [0, {self.num_classes}] ({self.num_classes}"
+                                 f" = the null class), got {int(y.min())}..{int(y.max())}")
+        return self.embedding(y.long())

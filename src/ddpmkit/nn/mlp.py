@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from ..config import MODEL_PRESETS, ModelConfig
 from ..errors import ConfigError
 from .dropout import Dropout
-from .embeddings import TimeEmbedding
+from .embeddings import ClassEmbedding, TimeEmbedding
 
 __all__ = ["MLPDenoiser", "MLPBlock", "MLP_PRESETS"]
 
@@ -34,8 +34,9 @@ class MLPBlock(nn.Module):
 
 
 class MLPDenoiser(nn.Module):
-    """``model(x_t, t)``: ``x_t`` [B, in_channels] points, ``t`` [B] (or scalar) timestep
-    indices -> [B, out_channels] in ``x_t``'s dtype.
+    """``model(x_t, t, y=None)``: ``x_t`` [B, in_channels] points, ``t`` [B] (or scalar)
+    timestep indices, ``y`` [B] class labels for a class-conditional net (as the U-Net)
+    -> [B, out_channels] in ``x_t``'s dtype.
 
     in_proj -> ``num_res_blocks`` x :class:`MLPBlock` of width ``channels`` (each gets its own
     projection of the time embedding) -> LayerNorm -> SiLU -> out_proj. Initialised like the
@@ -54,6 +55,9 @@ class MLPDenoiser(nn.Module):
         self.out_channels = cfg.out_channels or cfg.in_channels
         self.in_proj = nn.Linear(cfg.in_channels, width)
         self.time_embed = TimeEmbedding(width, width)
+        self.num_classes = cfg.num_classes
+        if cfg.num_classes:
+            self.class_embed = ClassEmbedding(cfg.num_classes, width)
         self.blocks = nn.ModuleList(MLPBlock(width, cfg.dropout)
                                     for _ in range(cfg.num_res_blocks))
         self.norm_out = nn.LayerNorm(width)
@@ -71,7 +75,7 @@ class MLPDenoiser(nn.Module):
                 nn.init.zeros_(block.fc2.weight)
             nn.init.zeros_(self.out_proj.weight)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if x.ndim != 2 or x.shape[1] != self.in_proj.in_features:
             raise ValueError(f"expected x of shape [B, {self.in_proj.in_features}], "
                              f"got {list(x.shape)}")
@@ -81,7 +85,10 @@ class MLPDenoiser(nn.Module):
         elif t.shape != (x.shape[0],):
             raise ValueError(f"expected t of shape [{x.shape[0]}], got {list(t.shape)}")
         in_dtype = x.dtype
-        temb = F.silu(self.time_embed(t))
+        temb = self.time_embed(t)
+        if self.num_classes:
+            temb = temb + self.class_embed(y, x.shape[0], x.device).to(temb.dtype)
+        temb = F.silu(temb)
         h = self.in_proj(x.to(self.in_proj.weight.dtype))
         for block in self.blocks:
             h = block(h, temb)

@@ -7,6 +7,7 @@ every parameter keeps its shape, only the prefix changes:
     ours                          diffusers
     conv_in                       conv_in
     time_embed.linear_1/2         time_embedding.linear_1/2
+    class_embed.embedding         class_embedding (class-conditional nets only)
     down.i.blocks.j               down_blocks.i.resnets.j
     down.i.attn.j                 down_blocks.i.attentions.j
     down.i.downsample.conv        down_blocks.i.downsamplers.0.conv
@@ -50,7 +51,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import MODEL_PRESETS, ModelConfig
 from ..errors import ConfigError
 from .dropout import Dropout
-from .embeddings import TimeEmbedding
+from .embeddings import ClassEmbedding, TimeEmbedding
 
 __all__ = [
     "UNet",
@@ -69,6 +70,7 @@ __all__ = [
 # docstring). Used to load published DDPM weights and to compare against diffusers.
 DIFFUSERS_RENAME: list[tuple[str, str]] = [
     (r"^time_embed\.", "time_embedding."),
+    (r"^class_embed\.embedding\.", "class_embedding."),  # num_class_embeds = num_classes + 1
     (r"^down\.(\d+)\.blocks\.", r"down_blocks.\1.resnets."),
     (r"^down\.(\d+)\.attn\.", r"down_blocks.\1.attentions."),
     (r"^down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0."),
@@ -245,11 +247,13 @@ class _Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM U-Net: ``model(x_t, t) -> output``.
+    """The DDPM U-Net: ``model(x_t, t, y=None) -> output``.
 
     ``x_t`` [B, in_channels, H, W] in any float dtype (H, W divisible by
     2**(len(channel_mult)-1); normally ``image_size``), ``t`` [B] (or scalar) timestep
-    indices, int or float. Returns [B, out_channels, H, W] in ``x_t``'s dtype.
+    indices, int or float. ``y`` [B] class labels in [0, num_classes] for a class-conditional
+    network (``num_classes`` = the null class; None = the null class for all); ignored by an
+    unconditional one. Returns [B, out_channels, H, W] in ``x_t``'s dtype.
     """
 
     def __init__(self, cfg: ModelConfig, *, zero_init: bool = True) -> None:
@@ -267,6 +271,10 @@ class UNet(nn.Module):
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         self.time_embed = TimeEmbedding(ch, temb_ch)
+        # Unconditional networks have no such module, so their state dicts are unchanged.
+        self.num_classes = cfg.num_classes
+        if cfg.num_classes:
+            self.class_embed = ClassEmbedding(cfg.num_classes, temb_ch)
 
         # Down path; skip_chs tracks the width of every tensor pushed on the skip stack.
         skip_chs = [ch]
@@ -349,7 +357,7 @@ class UNet(nn.Module):
                 skips.append(h)
         return h
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.conv_in.in_channels:
             raise ValueError(f"expected x of shape [B, {self.conv_in.in_channels}, H, W], "
                              f"got {list(x.shape)}")
@@ -364,7 +372,10 @@ class UNet(nn.Module):
         in_dtype = x.dtype
         # Computed once per forward and shared by every block (diffusers applies the same
         # SiLU inside each block).
-        temb = F.silu(self.time_embed(t))
+        temb = self.time_embed(t)
+        if self.num_classes:
+            temb = temb + self.class_embed(y, x.shape[0], x.device).to(temb.dtype)
+        temb = F.silu(temb)
 
         h = self.conv_in(_cpu_layout(x.to(self.conv_in.weight.dtype)))
         skips = [h]

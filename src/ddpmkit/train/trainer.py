@@ -60,8 +60,9 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .ema import EMA, ema_decay
+from .labels import num_classes_of, require_labels
 from .monitor import LogWindow, StepHealth
-from .randomness import ExampleDraws, rng_state, set_rng_state
+from .randomness import ExampleDraws, example_seed, rng_state, set_rng_state
 from .timesteps import TimestepSampler
 
 METRIC_FIELDS = ["step", "images", "loss", "mse", "vb", "lr", "grad_norm", "loss_q0", "loss_q1",
@@ -84,8 +85,10 @@ class TrainResult:
 
 # ---- building blocks --------------------------------------------------------------------------
 
-def resolve_config(cfg: RunConfig, data: Dataset) -> RunConfig:
-    """Fill the network's input/output shape from the data and the variance type."""
+def resolve_config(cfg: RunConfig, data: Dataset,
+                   labels: torch.Tensor | None = None) -> RunConfig:
+    """Fill the network's input/output shape from the data and the variance type, and, for a
+    class-conditional run, its number of classes from the labels."""
     learned = cfg.diffusion.variance == "learned_range"
     if data.kind == "points":
         if cfg.model.arch != "mlp":
@@ -99,6 +102,13 @@ def resolve_config(cfg: RunConfig, data: Dataset) -> RunConfig:
         c, h, w = data.shape
         model = dataclasses.replace(cfg.model, in_channels=c,
                                     out_channels=c * (2 if learned else 1), image_size=h)
+    if labels is not None:
+        found = num_classes_of(labels)
+        if model.num_classes and model.num_classes < found:
+            raise ConfigError(f"num_classes={model.num_classes}, but the data has labels up to "
+                              f"{found - 1}")
+        model = dataclasses.replace(model, class_cond=True,
+                                    num_classes=model.num_classes or found)
     if cfg.train.batch_size > len(data):
         raise ConfigError(f"batch_size={cfg.train.batch_size} is larger than the data set "
                           f"({len(data)} examples)")
@@ -274,6 +284,26 @@ def _count(state: dict, key: str, default: int) -> int:
     return value
 
 
+def drop_labels(y: torch.Tensor, p: float, null_class: int, u: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance training (Ho & Salimans 2022): label y[i] [B] replaced by the
+    null class where the uniform u[i] < ``p``, so one network learns p(x | y) and p(x)."""
+    if p <= 0:
+        return y
+    return torch.where(u < p, torch.full_like(y, null_class), y)
+
+
+def label_uniforms(seed: int, stream: list[int]) -> torch.Tensor:
+    """One U[0, 1) per example [N] (CPU) from its place in the data stream alone, on its own
+    seeds (not the noise's), so the same example drops its label on any number of ranks."""
+    g = torch.Generator()
+    return torch.stack([torch.rand((), generator=g.manual_seed(example_seed(seed ^ _LABEL_SALT,
+                                                                             int(i))))
+                        for i in stream])
+
+
+_LABEL_SALT = 0x6C61_6265_6C73  # "labels": a seed family apart from the noise draws
+
+
 def _dropout_seed(seed: int, rank: int, step: int) -> int:
     """A fresh dropout seed for a rank that has no saved RNG state (start, or more ranks)."""
     return ((seed * 1_000_003 + rank) * 1_000_033 + step) % (1 << 63)  # manual_seed's range
@@ -387,11 +417,14 @@ class _Trainer:
         self.rank, self.world = dist.rank(), dist.world_size()
 
         self.data = load_data(cfg.data, "train")
+        # Class labels (class-conditional runs only; None otherwise).
+        self.labels = (require_labels(cfg.data, "train", self.data)
+                       if cfg.model.class_cond or cfg.model.num_classes else None)
         path = data_path(cfg.data.name)
         if path is not None:  # absolute, fingerprinted: eval from elsewhere checks the same data
             cfg = cfg.replace(data=dataclasses.replace(
                 cfg.data, name=str(path), fingerprint=fingerprint(str(path))))
-        self.cfg = cfg = resolve_config(cfg, self.data)
+        self.cfg = cfg = resolve_config(cfg, self.data, self.labels)
         tc = cfg.train
         if self.data.skipped:
             dist.print0(f"skipped {len(self.data.skipped)} unreadable file(s); first: "
@@ -613,11 +646,14 @@ class _Trainer:
 
     # ---- one step ------------------------------------------------------------------------
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's examples of the global batch, on the device: x0, t, weights, noise.
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor | None]:
+        """This rank's examples of the global batch, on the device: x0, t, weights, noise, and
+        the labels (None for an unconditional run).
 
         Timestep, flip and noise of each example are drawn on the device from its place in
-        the data stream alone (:mod:`.randomness`), so the global batch is never built.
+        the data stream alone (:mod:`.randomness`), so the global batch is never built; so is
+        a class-conditional run's label dropout (:func:`label_uniforms`).
         """
         data = self.data
         idx = self.order.indices(self.images_seen, self.global_batch)
@@ -627,9 +663,15 @@ class _Trainer:
         t, w = self.timesteps.from_uniform(u[:, 0])
         if self.cfg.data.flip and data.kind == "image":
             x0 = torch.where((u[:, 1] < 0.5)[:, None, None, None], x0.flip(-1), x0)
-        return x0, t, w, noise
+        y = None
+        if self.labels is not None:
+            stream = [self.images_seen + i for i in self.mine]
+            y = drop_labels(self.labels[idx][self.mine], self.cfg.train.class_dropout,
+                            self.cfg.model.num_classes,
+                            label_uniforms(self.cfg.train.seed, stream)).to(self.device)
+        return x0, t, w, noise, y
 
-    def _forward_backward(self, x0, t, w, noise
+    def _forward_backward(self, x0, t, w, noise, y=None
                           ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Losses and gradients of this rank's micro-batches; returns the per-example losses
         ([grad_accum * batch_size], this rank's) and the loss terms."""
@@ -644,8 +686,9 @@ class _Trainer:
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype,
                                     enabled=self.use_amp):
-                    terms = self.diffusion.training_losses(self.train_model, x0[sl], t[sl],
-                                                           noise[sl], levels=self.data.levels)
+                    terms = self.diffusion.training_losses(
+                        self.train_model, x0[sl], t[sl], noise[sl], levels=self.data.levels,
+                        y=None if y is None else y[sl])
                 loss = (terms["loss"] * w[sl]).mean() / tc.grad_accum
                 self.scaler.scale(loss).backward()
             step_losses.append(terms["loss"].detach())
@@ -688,9 +731,9 @@ class _Trainer:
         lr = _lr_at(self.cfg, self.step_count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x0, t, w, noise = self._batch()
+        x0, t, w, noise, y = self._batch()
         self.optimizer.zero_grad(set_to_none=True)
-        local, step_terms = self._forward_backward(x0, t, w, noise)
+        local, step_terms = self._forward_backward(x0, t, w, noise, y)
         full, t_all = self._gather(local, t)
         loss = full.mean()
         if self.scaler.is_enabled():
@@ -933,12 +976,19 @@ def write_pictures(cfg: RunConfig, model: nn.Module, ema: EMA, diffusion: Gaussi
     ema_model.eval()
     sc = cfg.sample
     n = sc.num if data.kind == "image" else max(sc.num, 2000)
+    K = cfg.model.num_classes
+    y, nrow = None, None
+    if K and data.kind == "image":  # one row per class, at the configured guidance
+        nrow = max(1, n // K)
+        n = nrow * K
+        y = torch.arange(K).repeat_interleave(nrow)
     x = sample(ema_model, diffusion, (n, *data.shape), method=sc.sampler, steps=sc.steps or None,
                spacing=sc.spacing, eta=sc.eta, clip_denoised=clip_denoised_for(data.kind),
-               seeds=range(sc.seed, sc.seed + n), device=device)
+               seeds=range(sc.seed, sc.seed + n), device=device, y=y,
+               guidance=sc.guidance if y is not None else 1.0)
     suffix = f"-{step:07d}" if step is not None else ""
     if data.kind == "image":
-        viz.save_image_grid(x.cpu(), out / f"samples{suffix}.png")
+        viz.save_image_grid(x.cpu(), out / f"samples{suffix}.png", nrow=nrow)
     else:
         viz.plot_points(x.cpu(), out / f"samples{suffix}.png", data=data.x[:5000],
                         title=f"{cfg.data.name}: samples over data")
