@@ -152,6 +152,11 @@ def unet2d_config_from_model(cfg: ModelConfig) -> dict:
     if cfg.arch != "unet":
         raise ConfigError(f"a model with arch={cfg.arch!r} (the 2-D point MLP) has no diffusers "
                           "equivalent: UNet2DModel is an image network")
+    if cfg.num_classes:
+        # UNet2DModel has num_class_embeds, but DDPMPipeline passes no labels and the null
+        # class has no diffusers meaning: not exported until a pipeline can use it.
+        raise ConfigError(f"a class-conditional model ({cfg.num_classes} classes) cannot be "
+                          "exported to diffusers yet; DDPMPipeline samples unconditionally")
     sizes = [cfg.image_size // 2**i for i in range(len(cfg.channel_mult))]
     attn = [s in cfg.attention_resolutions for s in sizes]
     widths = [cfg.channels * m for m in cfg.channel_mult]
