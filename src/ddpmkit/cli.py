@@ -49,6 +49,10 @@ in Python, with diffusers installed:
 """
 
 
+CLASS_HELP = ("class-conditional models: every sample of class K, or 'all' (--num per class, "
+              "one grid row per class); default: unconditional")
+
+
 def _int_at_least(low: int, high: int | None = None):
     """An argparse type: an integer >= ``low`` (and <= ``high``): a bad count is a usage
     error, not a crash, and a huge one is refused before it is allocated."""
@@ -754,9 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _add_tf32(p)
     _add_common(p)
-    p.add_argument("--class", dest="class_label", metavar="K|all",
-                   help="class-conditional models: every sample of class K, or 'all' (--num "
-                        "per class, one grid row per class); default: unconditional")
+    p.add_argument("--class", dest="class_label", metavar="K|all", help=CLASS_HELP)
     C.add_flags(p, C.SampleConfig, group_title="sampling options")
     p.set_defaults(func=cmd_sample)
 
