@@ -205,8 +205,9 @@ def main() -> None:
             methods.append((f"RePaint ({st} steps, jump 10, resample 10)",
                             dict(method="repaint", steps=st, jump=10, resample=10)))
         res["inpaint"] = inpaint_rows(run, classifier, methods, args.seed)
-    res["footer"] = (f"checkpoint step {run.step}, {args.sampler} {args.steps} steps, "
-                     f"{args.per_class} samples per class; {date.today()}, "
+    what = (f"{args.sampler} {args.steps} steps, {args.per_class} samples per class"
+            if res.get("guidance") else f"inpainting over {args.inpaint_steps} steps")
+    res["footer"] = (f"checkpoint step {run.step}, {what}; {date.today()}, "
                      f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                      f"torch {torch.__version__}.")
     out = Path(args.out_dir)
