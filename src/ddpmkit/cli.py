@@ -715,6 +715,11 @@ def _add_fid_parsers(sub, fmt) -> None:
     p.set_defaults(func=cmd_fid_stats)
 
 
+def _add_edit_commands(sub, fmt) -> None:
+    from .cli_edit import add_commands  # numpy and friends load only when a command runs
+    add_commands(sub, _int_at_least, fmt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -837,9 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     _add_fid_parsers(sub, fmt)
-
-    from .cli_edit import add_commands
-    add_commands(sub, _int_at_least, fmt)
+    _add_edit_commands(sub, fmt)  # inpaint, edit, interpolate
 
     p = sub.add_parser("config", help="print a preset as TOML, to start a config file from")
     p.add_argument("preset", choices=list(C.RUN_PRESETS))
