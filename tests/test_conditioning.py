@@ -280,8 +280,8 @@ def test_inpainting_keeps_pixels_and_repaint_hits_the_conditional_gaussian():
     standard errors): replace 0.098 / 20 SE (the generated pixels are drawn nearly from their
     marginal: at high noise x_t says little about the kept pixels, and nothing corrects the
     early steps); RePaint jump 1 resample 5: 0.026 / 5 SE; jump 1 resample 10: 0.059 / 0.9 SE
-    (under-dispersed); jump 2 resample 10: 0.003 / 0.4 SE; jump 5 resample 10: ~0.03 / 2.5 SE
-    (over-dispersed); jump 10 resample 10: 6 SE. The test pins jump 2 (the default) within 5
+    (under-dispersed); jump 2 resample 10: 0.003 / 0.4 SE; jump 5 resample 10: 2.5 SE, variances
+    0.176 / 0.272 against 0.142 / 0.256 (over-dispersed); jump 10 resample 10: 6.3 SE. The test pins jump 2 (the default) within 5
     SE in mean and covariance, and replace's gap."""
     n = 4000
     mean, cov = conditional_gaussian()
