@@ -62,6 +62,7 @@ SCHED = "tests/test_schedules.py tests/test_diffusion.py"
 LOSS = "tests/test_losses.py tests/test_diffusion.py"
 SAMP = "tests/test_sampling.py"
 NN = "tests/test_unet_reference.py tests/test_nn.py"
+COND = "tests/test_conditioning.py tests/test_cli_edit.py"
 TRAIN = "tests/test_train.py"
 DATA = "tests/test_data.py"
 INTEROP = "tests/test_interop.py"
@@ -238,12 +239,12 @@ MUTANTS: list[Mutant] = [
       "return torch.minimum(torch.maximum(x0, -s), s)", SAMP,
       "dynamic thresholding clamps to [-s, s] but does not divide by s"),
     M("ancestral-noise-at-last-step", "sampling.py",
-      "        if i > 0:\n            _, log_variance = diffusion.model_variance(",
-      "        if i >= 0:\n            _, log_variance = diffusion.model_variance(", SAMP,
+      "    if i == 0:\n        return mean, x0",
+      "    if i < 0:\n        return mean, x0", SAMP,
       "ancestral sampling adds noise at the final step too"),
     M("ancestral-std-not-sqrt", "sampling.py",
-      "x = mean + torch.exp(0.5 * log_variance) * draw()",
-      "x = mean + torch.exp(log_variance) * draw()", SAMP,
+      "return mean + torch.exp(0.5 * log_variance) * draw(), x0",
+      "return mean + torch.exp(log_variance) * draw(), x0", SAMP,
       "ancestral noise scaled by the variance, not the standard deviation"),
     M("ddim-sigma-ratio-inverted", "sampling.py",
       "sigma = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))",
@@ -291,8 +292,8 @@ MUTANTS: list[Mutant] = [
       "return h.add_(skip)  # conv2's output", "return h  # conv2's output", NN,
       "residual block's skip connection dropped"),
     M("unet-temb-no-silu", "nn/unet.py",
-      "temb = F.silu(self.time_embed(t))\n\n        h = self.conv_in(",
-      "temb = self.time_embed(t)\n\n        h = self.conv_in(", NN,
+      "temb = F.silu(temb)\n\n        h = self.conv_in(",
+      "temb = temb\n\n        h = self.conv_in(", NN,
       "the time embedding reaches the blocks without its SiLU"),
     M("unet-mid-attention-first", "nn/unet.py",
       "h = self._call(self.mid.blocks[0], h, temb)\n        h = self._call(self.mid.attn[0], h)",
@@ -406,6 +407,29 @@ MUTANTS: list[Mutant] = [
       "x = torch.from_numpy(images / 8.0 - 1.0).to(torch.float32)[:, None]",
       "x = torch.from_numpy(images / 16.0 - 1.0).to(torch.float32)[:, None]", DATA,
       "digits mapped to [-1, 0] instead of [-1, 1]"),
+    # ---- conditioning and editing (issue 13) ----
+    M("guidance-from-cond", "sampling.py",
+      "return uncond + S * (cond - uncond)",
+      "return cond + S * (cond - uncond)", COND,
+      "classifier-free guidance extrapolates from the conditional output, not the null one"),
+    M("unet-class-embed-ignored", "nn/unet.py",
+      "temb = temb + self.class_embed(y, x.shape[0], x.device).to(temb.dtype)",
+      "temb = temb + 0 * self.class_embed(y, x.shape[0], x.device).to(temb.dtype)", COND,
+      "the U-Net's class embedding never reaches the blocks"),
+    M("repaint-jump-no-sqrt", "editing.py",
+      "x = math.sqrt(r) * x + math.sqrt(1.0 - r) * draw()",
+      "x = r * x + math.sqrt(1.0 - r) * draw()", COND,
+      "RePaint's forward jump scales x by r instead of sqrt(r)"),
+    M("inpaint-known-wrong-level", "editing.py",
+      "x = torch.where(mask, x, known(s))",
+      "x = torch.where(mask, x, known(prev))", COND,
+      "inpainting joins the kept pixels noised to the previous level, not the new one"),
+    # (Dropping inpaint's final torch.where(mask, x, x0) is an equivalent mutant: the last
+    # state is always s = -1, where the loop has already joined x0's kept pixels exactly.)
+    M("slerp-ends-swapped", "editing.py",
+      "(math.sin((1 - w) * theta) / s) * a + (math.sin(w * theta) / s) * b",
+      "(math.sin(w * theta) / s) * a + (math.sin((1 - w) * theta) / s) * b", COND,
+      "slerp runs from b to a"),
 ]
 
 

@@ -26,7 +26,7 @@ from ddpmkit.editing import (
     slerp,
 )
 from ddpmkit.nn import PRESETS, MLPDenoiser, UNet
-from ddpmkit.sampling import METHODS, ddim_reconstruct, guided_model, sample
+from ddpmkit.sampling import METHODS, ddim_reconstruct, guided_model, sample, space_timesteps
 
 F64 = torch.float64
 Z = 5.0  # tolerances: Z standard errors at the sample size used
@@ -295,6 +295,36 @@ def test_inpainting_keeps_pixels_and_repaint_hits_the_conditional_gaussian():
     kl_repaint = gaussian_kl(rep[:, 2:].mean(0), torch.cov(rep[:, 2:].T), mean, cov)
     assert kl_repaint < kl_replace / 5, (kl_repaint, kl_replace)
 
+
+
+@pytest.mark.parametrize("method", ["replace", "repaint"])
+def test_kept_pixels_are_noised_to_each_state_level_on_the_way(method):
+    """Between steps, the kept pixels of x at state s are a draw of q(x_s | x_0) (DDPM eq. 4):
+    mean sqrt(alpha_bar_s) x_0, variance 1 - alpha_bar_s. With 4 kept steps of T = 1000 the
+    levels of neighbouring states differ by far more than the sampling error, so joining them
+    at the previous state's level is caught. n = 4000 draws; mean within Z standard errors,
+    variance within Z standard errors of a Gaussian variance (var * sqrt(2 / n))."""
+    n, T, steps = 4000, 1000, 4
+    diff = GaussianDiffusion(make_betas("linear", T))
+    x0 = torch.full((n, 1, 1, 2), 0.5, dtype=torch.float64)
+    mask = torch.tensor([[[[True, False]]]])  # generate pixel 0, keep pixel 1
+    kd = diff.respace(space_timesteps(T, steps))
+    ab = kd.alpha_bar.tolist()
+    states = repaint_schedule(kd.num_timesteps, 2, 3 if method == "repaint" else 1)
+    seen = []
+
+    def record(i, total, x):
+        s = states[i + 1]
+        if s >= 0 and s < states[i]:  # after a reverse step (kept pixels re-joined)
+            seen.append((s, x[:, 0, 0, 1].clone()))
+
+    inpaint(lambda x, t: torch.zeros_like(x), diff, x0, mask, method=method, steps=steps,
+            jump=2, resample=3, generator=torch.Generator().manual_seed(0), callback=record)
+    assert {s for s, _ in seen} == set(range(kd.num_timesteps - 1))
+    for s, kept in seen:
+        mean, var = math.sqrt(ab[s]) * 0.5, 1.0 - ab[s]
+        assert abs(kept.mean().item() - mean) < Z * math.sqrt(var / n), (s, kept.mean(), mean)
+        assert abs(kept.var().item() - var) < Z * var * math.sqrt(2 / n), (s, kept.var(), var)
 
 def test_repaint_schedule_structure():
     assert repaint_schedule(4, jump=10, resample=1) == [3, 2, 1, 0, -1]
