@@ -83,3 +83,169 @@ def test_peak_memory_is_flat_in_the_data_sets_size(tmp_path):
           f"100k images {own_l:.0f} / {kids_l:.0f}")
     assert own_l - own_s < 48, (own_s, own_l)
     assert kids_s > 0 and kids_l - kids_s < 48, (kids_s, kids_l)
+
+
+# ---- the order: resume, worker count, rank count ----------------------------------------------
+
+def _class_folder(root: Path, n: int = 45, size: int = 6) -> Path:
+    """``n`` grey images in 3 class subfolders; image i has value i (its key tells it)."""
+    for i in range(n):
+        sub = root / f"class{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (size, size), i).save(sub / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    """The same 45 images as a class folder, a .npy + labels and a .npz (cached as uint8)."""
+    root = tmp_path_factory.mktemp("sources")
+    folder = _class_folder(root / "folder")
+    images = np.stack([np.full((6, 6), i, np.uint8) for i in range(45)])
+    labels = np.arange(45) % 3
+    np.save(root / "images.npy", images)
+    np.save(root / "images.labels.npy", labels)
+    np.savez_compressed(root / "packed.npz", images=images.astype(np.float32) / 255.0,
+                        labels=labels)
+    return {"folder": folder, "npy": root / "images.npy", "npz": root / "packed.npz"}
+
+
+def _stream(data, start: int, steps: int, world: int = 1, workers: int = 0,
+            batch: int = 4, seed: int = 3) -> list[list[str]]:
+    """Keys of ``steps`` global batches from stream position ``start`` (all ranks, in rank
+    order within each batch)."""
+    loaders = [Loader(data, seed, start, batch * world, rank_rows(r, world, batch, 1),
+                      workers=workers, keys=True) for r in range(world)]
+    out = [sum((ld.next().keys for ld in loaders), []) for _ in range(steps)]
+    for ld in loaders:
+        ld.close()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["folder", "npy", "npz"])
+def test_resumed_stream_equals_straight_stream_with_other_workers(sources, kind):
+    data = load_data(DataConfig(name=str(sources[kind])))
+    assert len(data) == 43  # 45 minus test examples 19 and 39
+    straight = _stream(data, 0, 25, workers=0)  # > 2 epochs of 43 in batches of 4
+    # resume after 9 batches (36 examples, mid-epoch) with 2 workers instead of none
+    resumed = _stream(data, 36, 16, workers=2)
+    assert resumed == straight[9:]
+    flat = sum(straight, [])
+    epoch = flat[:43]
+    assert len(set(epoch)) == 43  # an epoch is a permutation: every example once
+    assert flat[43:86] != epoch and sorted(flat[43:86]) == sorted(epoch)  # a fresh one
+
+
+def test_a_different_rank_count_continues_the_epochs_remaining_examples(sources):
+    """2 ranks train 5 global batches of 8 (40 of the epoch's 43 examples), then the run
+    resumes on 1 rank: its first batch holds the epoch's 3 remaining examples, then the next
+    epoch begins; across the switch every example of the epoch is read exactly once."""
+    data = load_data(DataConfig(name=str(sources["folder"])))
+    two = _stream(data, 0, 5, world=2)                 # 5 x (2 ranks x 4)
+    one = _stream(data, 40, 3, world=1, batch=8)      # resumed at images_seen = 40
+    epoch = sum(two, []) + one[0][:3]
+    assert sorted(epoch) == sorted(set(epoch)) and len(epoch) == 43
+    # the same stream as a run on 1 rank all along, cut differently
+    assert sum(two, []) + sum(one, []) == sum(_stream(data, 0, 8, world=1, batch=8), [])
+    # and each rank of the 2-rank run read its own rows: no example read by both
+    halves = [set(sum((b[r * 4:(r + 1) * 4] for b in two), [])) for r in range(2)]
+    assert not halves[0] & halves[1]
+
+
+def test_labels_travel_with_images_from_every_source(sources):
+    """Class subfolders, NAME.labels.npy and a .npz 'labels' array give the same labels,
+    batch by batch; image i (pixel value i) has class i % 3."""
+    for kind in ("folder", "npy", "npz"):
+        data = load_data(DataConfig(name=str(sources[kind])))
+        loader = Loader(data, 0, 0, 8, rank_rows(0, 1, 8, 1), workers=0)
+        for _ in range(6):
+            b = loader.next()
+            value = ((b.x[:, 0, 0, 0] + 1) * 127.5).round().long()
+            assert torch.equal(b.y, value % 3), kind
+        assert torch.equal(data.labels, (((data.x[:, 0, 0, 0] + 1) * 127.5).round().long() % 3))
+    assert load_data(DataConfig(name=str(sources["folder"]))).class_names == (
+        "class0", "class1", "class2")
+    digits = load_data(DataConfig(name="digits"))
+    from sklearn.datasets import load_digits
+    assert torch.equal(digits.labels, torch.from_numpy(load_digits().target[:1500]))
+
+
+# ---- SIGKILL and resume: the keys the model trains on --------------------------------------
+
+def _train_cmd(run: Path, data: Path, workers: int, max_steps: int) -> list[str]:
+    return [sys.executable, "-m", "ddpmkit", "train", "--config", "digits", "--data", str(data),
+            "--out", str(run), "--max-steps", str(max_steps), "--max-minutes", "0",
+            "--workers", str(workers), "--checkpoint-every", "1", "--keep-checkpoints", "2",
+            *TINY_FLAGS, "--batch-size", "4", "--flip", "true"]
+
+
+def _keys_by_step(log: Path) -> dict[int, str]:
+    """The last line written for each step (a killed leg may have logged steps past its
+    checkpoint, which the resumed leg trains again)."""
+    out = {}
+    for line in log.read_text().splitlines():
+        step, _, keys = line.partition("\t")
+        out[int(step)] = keys
+    return out
+
+
+@pytest.mark.slow  # ~15 s alone, ~60 s on a busy machine; the loader tests above are fast
+def test_sigkill_and_resume_with_other_workers_trains_on_the_same_examples(tmp_path):
+    """A straight run (2 workers) and one SIGKILLed after step 4 (mid-epoch) and resumed
+    with no workers log the same keys for every step."""
+    data = _class_folder(tmp_path / "imgs", n=30, size=8)
+    steps = 12  # 48 examples: more than the 29-example epoch
+    ref = subprocess.Popen(_train_cmd(tmp_path / "ref", data, 2, steps), cwd=tmp_path,
+                           env=_env(DDPMKIT_KEY_LOG=str(tmp_path / "ref.keys")),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run, log = tmp_path / "run", tmp_path / "run.keys"
+    leg = subprocess.Popen(_train_cmd(run, data, 2, steps), cwd=tmp_path,
+                           env=_env(DDPMKIT_KEY_LOG=str(log)),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "step-0000004").is_dir():  # mid-epoch (16 of 29)
+        assert leg.poll() is None and time.monotonic() < deadline, "first leg did not get far"
+        time.sleep(0.05)
+    leg.send_signal(signal.SIGKILL)
+    leg.wait(timeout=30)
+    resumed = subprocess.run(_train_cmd(run, data, 0, steps), cwd=tmp_path,
+                             env=_env(DDPMKIT_KEY_LOG=str(log)), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+    got, want = _keys_by_step(log), _keys_by_step(tmp_path / "ref.keys")
+    assert sorted(want) == list(range(1, steps + 1))
+    assert got == want
+    first_epoch = "\t".join(want[s] for s in range(1, 9)).split("\t")[:29]
+    assert len(set(first_epoch)) == 29  # one epoch: every training image once
+
+
+# ---- unreadable images met while training ------------------------------------------------------
+
+def _truncated_png(path: Path) -> None:
+    """A PNG whose header reads (so the listing keeps it) but whose pixels are cut off."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), np.uint8))
+    img.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 40])
+
+
+def test_unreadable_image_met_in_training_is_skipped_counted_and_named(tmp_path, capsys):
+    from ddpmkit.cli import main
+    data = _class_folder(tmp_path / "imgs", n=20, size=8)
+    _truncated_png(data / "class1" / "bad.png")
+    run = tmp_path / "run"
+    flags = ["train", "--config", "digits", "--data", str(data), "--out", str(run),
+             "--max-minutes", "0", "--workers", "0", *TINY_FLAGS, "--batch-size", "10"]
+    assert main([*flags, "--max-steps", "4"]) == 0  # 40 examples: 2 epochs of 20
+    err = capsys.readouterr().err
+    warned = [ln for ln in err.splitlines() if "bad.png" in ln]
+    assert len(warned) == 1 and warned[0].startswith("warning: skipping unreadable image")
+    import csv
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["bad_files"]) for r in rows] == [1, 2]  # met once per epoch, counted each time
+    rc = main([*flags, "--max-steps", "2", "--bad-files", "fail", "--out", str(tmp_path / "r2")])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: cannot read image") and "bad.png" in lines[0]
