@@ -249,3 +249,41 @@ def test_unreadable_image_met_in_training_is_skipped_counted_and_named(tmp_path,
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: cannot read image") and "bad.png" in lines[0]
+
+
+# ---- ddpmkit prepare -> train ---------------------------------------------------------------
+
+def test_prepare_then_train_round_trip(tmp_path, capsys):
+    import hashlib
+    import json
+
+    from ddpmkit.cli import main
+    src = _class_folder(tmp_path / "imgs", n=42, size=12)
+    _truncated_png(src / "class2" / "zz_bad.png")
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(src), "--out", str(out), "--image-size", "8", "--workers", "2",
+                 "--no-progress"]) == 0
+    assert "prepared 42 images of 1x8x8, 3 classes" in capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["count"] == 42 and m["shape"] == [1, 8, 8] and m["levels"] == 256
+    assert m["class_names"] == ["class0", "class1", "class2"]
+    assert [Path(p).name for p in m["skipped"]] == ["zz_bad.png"]
+    for name, entry in m["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"]
+    # the prepared split is the source's split, pixel for pixel and label for label
+    with pytest.warns(UserWarning, match="zz_bad.png"):
+        direct = load_data(DataConfig(name=str(src), image_size=8))
+        direct_x = direct.x
+    prepared = load_data(DataConfig(name=str(out)))
+    assert torch.equal(prepared.x, direct_x) and torch.equal(prepared.labels, direct.labels)
+    run = tmp_path / "run"
+    assert main(["train", "--config", "digits", "--data", str(out), "--out", str(run),
+                 "--max-steps", "1", "--max-minutes", "0", *TINY_FLAGS]) == 0
+    assert "3 classes" in capsys.readouterr().out
+    # a damaged prepared folder: a one-line error naming the problem, before any network
+    with open(out / "images.npy", "r+b") as f:
+        f.truncate(200)
+    rc = main(["train", "--config", "digits", "--data", str(out), "--out", str(tmp_path / "r2"),
+               "--max-steps", "1", "--max-minutes", "0", *TINY_FLAGS])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "images.npy" in err[0] and "truncated" in err[0], err

@@ -1,5 +1,5 @@
 """The ``ddpmkit`` command: train | sample | eval | show | encode | export | fid | fid-stats |
-config.
+prepare | config.
 
 Flags come from the config dataclasses (config.py), so a flag, a config-file key and a field
 of the saved ``config.json`` are always the same thing. Errors that the user can fix print one
@@ -601,6 +601,18 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .data.prepare import prepare
+    m = prepare(args.src, args.out, image_size=args.image_size, channels=args.channels,
+                fmt=args.format, workers=args.workers, progress=not args.no_progress,
+                bad_files=args.bad_files)
+    c, h, w = m["shape"]
+    labels = f", {len(m['class_names'])} classes" if m["class_names"] else ""
+    print(f"prepared {m['count']} images of {c}x{h}x{w}{labels} into {args.out} "
+          f"({len(m['skipped'])} unreadable skipped); train with --data {args.out}")
+    return 0
+
+
 # ---- parser ----------------------------------------------------------------------------------
 
 EPILOG_FID = """examples:
@@ -662,6 +674,35 @@ def _add_fid_parsers(sub, fmt) -> None:
                    help="images per Inception batch (default: 250)")
     weights(p)
     p.set_defaults(func=cmd_fid_stats)
+
+
+def _add_prepare_parser(sub, fmt) -> None:
+    p = sub.add_parser("prepare", help="decode and resize images once, into uint8 files",
+                       description="Decode, resize/centre-crop and quantise a data source once, "
+                       "in parallel, into a prepared folder: images.npy (uint8 [N, S, S, C]), "
+                       "labels.npy (class subfolders, .npz 'labels', NAME.labels.npy) and "
+                       "manifest.json (count, shape, levels, class names, SHA-256 per file). "
+                       "`ddpmkit train --data OUT` reads it in place, without decoding.",
+                       epilog="example:\n  ddpmkit prepare ./celeba_jpgs --out data/celeba64 "
+                       "--image-size 64\n  ddpmkit train --data data/celeba64 --config cifar10",
+                       formatter_class=fmt)
+    p.add_argument("src", help="an image folder (class subfolders become labels), a .npy/.npz "
+                   "array, or another prepared folder")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--image-size", type=_int_at_least(0), default=0,
+                   help="resize + centre-crop to N x N (default 0: the images' own size, which "
+                        "must then agree)")
+    p.add_argument("--channels", type=int, choices=(0, 1, 3), default=0,
+                   help="1 (grey) or 3 (RGB); 0: the data's own (default: 0)")
+    p.add_argument("--format", default="npy", choices=("npy",),
+                   help="output layout (default: npy)")
+    p.add_argument("--workers", type=_int_at_least(-1), default=-1,
+                   help="decoding processes (default -1: one per CPU)")
+    p.add_argument("--bad-files", default="skip", choices=("skip", "fail"),
+                   help="unreadable images: skip (warn, list in the manifest) or fail")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(func=cmd_prepare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -785,6 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     _add_fid_parsers(sub, fmt)
+    _add_prepare_parser(sub, fmt)
 
     p = sub.add_parser("config", help="print a preset as TOML, to start a config file from")
     p.add_argument("preset", choices=list(C.RUN_PRESETS))

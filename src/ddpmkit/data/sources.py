@@ -57,10 +57,12 @@ class _Split:
     """
 
     def __init__(self, n: int, split: str):
-        self.split = split
-        self.n = n // _TEST_EVERY if split == "test" else n - n // _TEST_EVERY
+        self.split = split  # "train", "test", or "all" (prepare reads every example)
+        self.n = {"test": n // _TEST_EVERY, "all": n}.get(split, n - n // _TEST_EVERY)
 
     def __call__(self, j: int) -> int:
+        if self.split == "all":
+            return j
         if self.split == "test":
             return _TEST_EVERY * j + _TEST_EVERY - 1
         return j + j // (_TEST_EVERY - 1)
@@ -339,6 +341,18 @@ def load_data(cfg: DataConfig, split: str = "train") -> Dataset:
     """Split ``"train"`` or ``"test"`` of ``cfg.name`` (a built-in set or a path)."""
     if split not in ("train", "test"):
         raise DataError(f"split={split!r} must be 'train' or 'test'")
+    return _load(cfg, split)
+
+
+def open_reader(cfg: DataConfig) -> tuple[ImageReader, Dataset]:
+    """Every example of a file source (both splits, in order), for ``prepare``."""
+    if cfg.name in BUILTIN_SETS:
+        raise DataError(f"{cfg.name!r} is a built-in set: it needs no preparing")
+    ds = _load(cfg, "all")
+    return ds.reader, ds
+
+
+def _load(cfg: DataConfig, split: str) -> Dataset:
     name = cfg.name
     if name in POINT_SETS:
         # Different seeds, so the test points are fresh draws, not a subset of train.
