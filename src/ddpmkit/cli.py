@@ -302,7 +302,7 @@ def cmd_eval(args) -> int:
                               f"with --levels {args.levels} gives a meaningless figure (add "
                               "--force to do it anyway)")
         levels = args.levels
-    x = data.x if args.max_examples is None else data.x[:args.max_examples]
+    x = data.x if args.max_examples is None else data.head(args.max_examples)
     dist.init_process_group(run.device)
     res = evaluate_bpd(run.model, run.diffusion, x, levels, batch_size=args.batch_size,
                        seed=args.seed, clip_denoised=clip_denoised_for(data.kind),
@@ -388,7 +388,7 @@ def _show_forward(diffusion, data, args, out: Path, written: list) -> None:
     T = diffusion.num_timesteps
     # One image per row, noised step by step, shown at n_cols times.
     g = torch.Generator().manual_seed(args.seed)
-    x = data.x[:args.num].double()
+    x = data.head(args.num).double()
     keep = sorted({round(i * (T - 1) / (n_cols - 1)) for i in range(n_cols)})
     frames, gif_frames = [x.float()], [x.float()]
     for i in range(T):
@@ -449,7 +449,7 @@ def cmd_encode(args) -> int:
         raise ConfigError("encode works on image models")
     data_cfg = _data_config(run, args.data)
     check_output(out, suffixes=(".png", ".npz"), data=_data_folder(data_cfg), writable=False)
-    x0 = load_data(data_cfg, args.split).x[:args.num].to(run.device)
+    x0 = load_data(data_cfg, args.split).head(args.num).to(run.device)
     if tuple(x0.shape[1:]) != run.data_shape:
         raise ConfigError(f"images of shape {tuple(x0.shape[1:])} do not fit this model "
                           f"({run.data_shape})")
