@@ -303,6 +303,17 @@ class _RunDirLock:
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         self.file = f
+        # A forked child (a DataLoader worker) shares this open file and with it the lock: a
+        # SIGKILLed trainer's workers, which outlive it by a moment, would block the resume.
+        # Children point the descriptor at /dev/null instead; the parent's lock stays.
+        os.register_at_fork(after_in_child=self._drop_in_child)
+
+    def _drop_in_child(self) -> None:
+        if self.file is not None and not self.file.closed:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, self.file.fileno())
+            os.close(null)
+            self.file = None
 
     def release(self) -> None:
         if self.file is not None:
