@@ -26,8 +26,10 @@ from torch.utils.data import DataLoader
 
 from ..config import DataConfig
 from ..errors import DataError
+from ..outputs import atomic_write, check_output, refuse_link, write_text_atomic
 from . import images
 from .arrays import open_array_file
+from .fingerprint import data_path
 from .sources import ArrayReader, Dataset, ImageReader, _split_or_borrow, _warn, open_reader
 
 FORMAT = "ddpmkit-prepared"
@@ -66,22 +68,20 @@ def prepare(src: str, out: str | Path, image_size: int = 0, channels: int = 0,
     out = Path(out)
     cfg = DataConfig(name=str(src), image_size=image_size, channels=channels,
                      bad_files=bad_files)
+    source = data_path(str(src))
+    check_output(out, data=source if source is not None and source.is_dir() else None)
+    refuse_link(out, "a prepared folder")
     reader, ds = open_reader(cfg)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create {out}: {e.strerror or e}") from None
     c, h, w = reader.shape
-    n_max = len(reader)
-    tmp = out / f".images.npy.tmp-{os.getpid()}"
-    labels, skipped = [], list(ds.skipped)
     workers = (os.cpu_count() or 1) if workers < 0 else workers
     loader = DataLoader(_Decoded(reader), batch_size=64, num_workers=workers,
                         collate_fn=lambda items: items)
-    bar = _bar(n_max, progress)
-    n = 0
-    with open(tmp, "wb") as f:
+    labels, skipped = [], list(ds.skipped)
+
+    def write_images(f) -> None:
+        # Fixed-size header first, rewritten once the count of readable images is known.
         f.write(b"\0" * _HEADER_BYTES)
+        n, bar = 0, _bar(len(reader), progress)
         for items in loader:
             for img, label, where, why in items:
                 if img is None:
@@ -96,25 +96,26 @@ def prepare(src: str, out: str | Path, image_size: int = 0, channels: int = 0,
                 n += 1
             if bar is not None:
                 bar.update(len(items))
+        if bar is not None:
+            bar.close()
         if n == 0:
             raise DataError(f"no readable image in {src}")
         f.seek(0)
         f.write(_npy_header((n, h, w, c)))
-        f.flush()
-        os.fsync(f.fileno())
-    if bar is not None:
-        bar.close()
-    os.replace(tmp, out / "images.npy")
+
+    # Every file goes through a fresh temporary file and a rename (outputs.py): a link
+    # already at out/images.npy is replaced, never written through.
+    atomic_write(out / "images.npy", write_images)
+    n = len(labels)
     files = {"images.npy": _file_entry(out / "images.npy")}
     if ds.class_names or any(v >= 0 for v in labels):
-        np.save(out / "labels.npy", np.asarray(labels, dtype=np.int64))
+        arr = np.asarray(labels, dtype=np.int64)
+        atomic_write(out / "labels.npy", lambda f: np.save(f, arr))
         files["labels.npy"] = _file_entry(out / "labels.npy")
     manifest = {"format": FORMAT, "version": VERSION, "layout": "npy", "count": n,
                 "shape": [c, h, w], "levels": 256, "class_names": list(ds.class_names),
                 "source": str(src), "skipped": skipped, "files": files}
-    tmp_m = out / f".manifest.json.tmp-{os.getpid()}"
-    tmp_m.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp_m, out / "manifest.json")
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
 
 
