@@ -287,3 +287,36 @@ def test_prepare_then_train_round_trip(tmp_path, capsys):
                "--max-steps", "1", "--max-minutes", "0", *TINY_FLAGS])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and "images.npy" in err[0] and "truncated" in err[0], err
+
+
+def test_prepare_out_is_checked_and_never_written_through_links(tmp_path, capsys):
+    from ddpmkit.cli import main
+    src = _class_folder(tmp_path / "imgs", n=6, size=8)
+    before = sorted(p.relative_to(src).as_posix() for p in src.rglob("*"))
+    # inside the source folder: its output would become part of the source
+    rc = main(["prepare", str(src), "--out", str(src / "prepared"), "--no-progress"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "lies in the data folder" in err[0], err
+    assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*")) == before
+    # links already in --out are replaced, the files they point to are left alone
+    out = tmp_path / "prepared"
+    out.mkdir()
+    victims = {}
+    for name in ("images.npy", "labels.npy", "manifest.json"):
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_text("keep me")
+        (out / name).symlink_to(victims[name])
+    assert main(["prepare", str(src), "--out", str(out), "--workers", "0",
+                 "--no-progress"]) == 0
+    for name, victim in victims.items():
+        assert victim.read_text() == "keep me"
+        assert not (out / name).is_symlink()
+    assert load_data(DataConfig(name=str(out))).x.shape[1:] == (1, 8, 8)
+    # --out itself a link: refused
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "elsewhere")
+    rc = main(["prepare", str(src), "--out", str(tmp_path / "linked"), "--no-progress"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "symbolic link" in err[0], err
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
