@@ -320,3 +320,23 @@ def test_prepare_out_is_checked_and_never_written_through_links(tmp_path, capsys
     assert rc == 2 and len(err) == 1 and "symbolic link" in err[0], err
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
+
+def test_resume_rewrites_an_older_metrics_header_with_the_bad_files_column(tmp_path):
+    import csv
+
+    from ddpmkit.train import run_dir
+    from ddpmkit.train.trainer import METRIC_FIELDS
+    old_fields = [f for f in METRIC_FIELDS if f != "bad_files"]
+    path = tmp_path / "metrics.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_fields)
+        w.writeheader()
+        w.writerows({k: str(s) if k == "step" else "0.5" for k in old_fields} for s in (1, 2))
+    assert run_dir.trim_metrics(path, 2, METRIC_FIELDS, tmp_path / "cut.csv") == 0
+    run_dir.append_row(path, {**{k: "0.25" for k in METRIC_FIELDS}, "step": 3,
+                              "bad_files": 7}, METRIC_FIELDS)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and not (tmp_path / "cut.csv").exists()
+    assert [r["bad_files"] for r in rows] == ["", "", "7"] and rows[0]["loss"] == "0.5"
+    assert all(None not in r and None not in r.values() for r in rows)
