@@ -340,3 +340,23 @@ def test_resume_rewrites_an_older_metrics_header_with_the_bad_files_column(tmp_p
     assert [r["step"] for r in rows] == ["1", "2", "3"] and not (tmp_path / "cut.csv").exists()
     assert [r["bad_files"] for r in rows] == ["", "", "7"] and rows[0]["loss"] == "0.5"
     assert all(None not in r and None not in r.values() for r in rows)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_file_failing_in_a_worker_is_a_one_line_data_error(tmp_path, workers):
+    """A .npy that shrinks after it was opened fails inside the DataLoader worker: the
+    trainer sees one DataError line naming the file, not the worker's traceback."""
+    from ddpmkit.errors import DataError
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((40, 4, 4, 1), np.uint8))
+    data = load_data(DataConfig(name=str(path)))
+    with open(path, "r+b") as f:
+        f.truncate(200)
+    loader = Loader(data, 0, 0, 8, torch.arange(8), workers)
+    try:
+        with pytest.raises(DataError) as e:
+            loader.next()
+    finally:
+        loader.close()
+    msg = str(e.value)
+    assert "\n" not in msg and "x.npy" in msg and "truncated" in msg, msg

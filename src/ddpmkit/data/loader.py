@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..errors import DataError
+from . import images
 from .images import u8_to_float
 from .sources import ArrayReader, Dataset, DataWarning, ImageReader, read_example
 
@@ -124,6 +125,17 @@ class _Examples(torch.utils.data.Dataset):
         return self.__getitems__([j])
 
     def __getitems__(self, js: list[int]):
+        # Runs in a worker process: an exception here would reach the trainer as a
+        # multi-line "Caught ... in DataLoader worker" traceback, so it travels as a one-line
+        # message instead (Loader.next raises it as a DataError).
+        try:
+            return self._read(js)
+        except DataError as e:
+            return str(e), None, None, []
+        except Exception as e:  # any reader failure on user data (a file changed under us)
+            return f"cannot read {self.reader.where(js[0])}: {images.reason(e)}", None, None, []
+
+    def _read(self, js: list[int]):
         r = self.reader
         if isinstance(r, ArrayReader):  # arrays cannot hold an unreadable image
             u8 = r.read_many(js)
@@ -190,7 +202,13 @@ class Loader:
         if self._it is None:
             batch = self._from_memory()
         else:
-            u8, y, keys, bad = next(self._it)
+            try:
+                u8, y, keys, bad = next(self._it)
+            except RuntimeError as e:  # a worker died (killed, out of memory)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise DataError(f"a data loader worker failed: {first[:200]}") from None
+            if isinstance(u8, str):
+                raise DataError(u8)
             self._report(bad, failed=u8 is None)
             batch = Batch(u8_to_float(u8), y, keys if self.want_keys else None, bad)
         self.pos += self.global_batch
