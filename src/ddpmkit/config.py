@@ -51,6 +51,7 @@ LIMITS = {
     "grad_accum": 100_000,
     "samples": 10_000_000,
     "seed": (1 << 32) - 1,
+    "workers": 256,                # DataLoader processes per training process
 }
 MAX_PARAMETERS = 2_000_000_000     # network parameters (8 GB of float32 weights)
 
@@ -121,6 +122,7 @@ class DataConfig:
         _at_most("num_points", self.num_points, "num_points")
         if not isinstance(self.workers, int) or self.workers < -1:
             raise ConfigError(f"workers={_show(self.workers)} must be -1 (auto) or >= 0")
+        _at_most("workers", self.workers, "workers")
 
     @property
     def is_points(self) -> bool:

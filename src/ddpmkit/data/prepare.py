@@ -67,7 +67,7 @@ def prepare(src: str, out: str | Path, image_size: int = 0, channels: int = 0,
         raise DataError(f"--format {fmt!r}: only 'npy' is written by this version")
     out = Path(out)
     cfg = DataConfig(name=str(src), image_size=image_size, channels=channels,
-                     bad_files=bad_files)
+                     bad_files=bad_files, workers=workers)  # checks the limits
     source = data_path(str(src))
     check_output(out, data=source if source is not None and source.is_dir() else None)
     refuse_link(out, "a prepared folder")
