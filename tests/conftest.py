@@ -1,5 +1,13 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Converted arrays go to a throw-away cache, never the user's ~/.cache (subprocesses that the
+# tests start inherit it).
+_DATA_CACHE = tempfile.TemporaryDirectory(prefix="ddpmkit-test-data-cache-")
+os.environ["DDPMKIT_DATA_CACHE"] = _DATA_CACHE.name
 
 
 @pytest.fixture(autouse=True, scope="session")

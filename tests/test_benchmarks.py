@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.mark.parametrize("script", ["speed.py", "ablate.py", "grad_checkpointing.py",
-                                    "quality_vs_steps.py", "guidance.py"])
+                                    "quality_vs_steps.py", "guidance.py", "data.py"])
 def test_benchmark_help(script):
     out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
                          text=True, timeout=120)
@@ -34,3 +34,14 @@ def test_grad_checkpointing_benchmark_runs_on_a_tiny_net():
     rows = result["rows"]
     assert [r["grad_checkpointing"] for r in rows] == [False, True]
     assert all(r["step_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow  # a few seconds alone; its workers crawl on a busy machine
+def test_data_benchmark_runs_briefly():
+    out = subprocess.run([sys.executable, str(BENCH / "data.py"), "--seconds", "0.2",
+                          "--npy-images", "300", "--jpeg-images", "12", "--workers", "0,1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [ln for ln in out.stdout.splitlines() if "images/s" in ln]
+    assert len(rows) == 5 and all(float(r.split(":")[1].split()[0].replace(",", "")) > 0
+                                  for r in rows), out.stdout

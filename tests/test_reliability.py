@@ -508,7 +508,7 @@ _NAN[3, 2, 2] = np.nan
     (np.full((20, 8, 8), 300, np.int32), ["integers in [300, 300]", "[0, 255]"]),
     (np.full((20, 8, 8), 2.5, np.float32), ["out of range [2.5, 2.5]", "[-1, 1]"]),
     (_NAN, ["1 non-finite values"]),
-    (np.array([{"a": 1}], dtype=object), ["Object arrays cannot be loaded"]),
+    (np.array([{"a": 1}], dtype=object), ["holds Python objects", "refused"]),
 ], ids=["rank", "dtype", "int-range", "float-range", "nan", "pickled-objects"])
 def test_bad_arrays_give_one_line(tmp_path, capsys, arr, needles):
     data = _npy(tmp_path / "data.npy", arr)

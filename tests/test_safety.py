@@ -464,6 +464,7 @@ def test_fingerprint_sees_count_and_content(tmp_path):
     ("model", "channel_mult", [1] * 50, "number of levels in channel_mult=50 is above"),
     ("data", "image_size", 10**5, "image_size=100000 is above"),
     ("data", "num_points", 10**10, "num_points=10000000000 is above"),
+    ("data", "workers", 10**5, "workers=100000 is above ddpmkit's limit of 256"),
     ("sample", "num", 10**9, "num=1000000000 is above"),
     ("train", "seed", -1, "seed=-1 must be in [0, 4294967295]"),
     ("train", "seed", 2**70, "seed=1180591620717411303424 must be in"),

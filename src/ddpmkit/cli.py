@@ -1,5 +1,5 @@
 """The ``ddpmkit`` command: train | sample | eval | show | encode | export | fid | fid-stats |
-config, and (cli_edit.py) inpaint | edit | interpolate.
+prepare | config, and (cli_edit.py) inpaint | edit | interpolate.
 
 Flags come from the config dataclasses (config.py), so a flag, a config-file key and a field
 of the saved ``config.json`` are always the same thing. Errors that the user can fix print one
@@ -339,7 +339,7 @@ def cmd_eval(args) -> int:
                               f"with --levels {args.levels} gives a meaningless figure (add "
                               "--force to do it anyway)")
         levels = args.levels
-    x = data.x if args.max_examples is None else data.x[:args.max_examples]
+    x = data.x if args.max_examples is None else data.head(args.max_examples)
     dist.init_process_group(run.device)
     # A class-conditional model is evaluated twice: with the true labels (-log p(x | y)) and
     # through its null class (-log p(x)).
@@ -439,7 +439,7 @@ def _show_forward(diffusion, data, args, out: Path, written: list) -> None:
     T = diffusion.num_timesteps
     # One image per row, noised step by step, shown at n_cols times.
     g = torch.Generator().manual_seed(args.seed)
-    x = data.x[:args.num].double()
+    x = data.head(args.num).double()
     keep = sorted({round(i * (T - 1) / (n_cols - 1)) for i in range(n_cols)})
     frames, gif_frames = [x.float()], [x.float()]
     for i in range(T):
@@ -500,7 +500,7 @@ def cmd_encode(args) -> int:
         raise ConfigError("encode works on image models")
     data_cfg = _data_config(run, args.data)
     check_output(out, suffixes=(".png", ".npz"), data=_data_folder(data_cfg), writable=False)
-    x0 = load_data(data_cfg, args.split).x[:args.num].to(run.device)
+    x0 = load_data(data_cfg, args.split).head(args.num).to(run.device)
     if tuple(x0.shape[1:]) != run.data_shape:
         raise ConfigError(f"images of shape {tuple(x0.shape[1:])} do not fit this model "
                           f"({run.data_shape})")
@@ -652,6 +652,18 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .data.prepare import prepare
+    m = prepare(args.src, args.out, image_size=args.image_size, channels=args.channels,
+                fmt=args.format, workers=args.workers, progress=not args.no_progress,
+                bad_files=args.bad_files)
+    c, h, w = m["shape"]
+    labels = f", {len(m['class_names'])} classes" if m["class_names"] else ""
+    print(f"prepared {m['count']} images of {c}x{h}x{w}{labels} into {args.out} "
+          f"({len(m['skipped'])} unreadable skipped); train with --data {args.out}")
+    return 0
+
+
 # ---- parser ----------------------------------------------------------------------------------
 
 EPILOG_FID = """examples:
@@ -718,6 +730,35 @@ def _add_fid_parsers(sub, fmt) -> None:
 def _add_edit_commands(sub, fmt) -> None:
     from .cli_edit import add_commands  # numpy and friends load only when a command runs
     add_commands(sub, _int_at_least, fmt)
+
+
+def _add_prepare_parser(sub, fmt) -> None:
+    p = sub.add_parser("prepare", help="decode and resize images once, into uint8 files",
+                       description="Decode, resize/centre-crop and quantise a data source once, "
+                       "in parallel, into a prepared folder: images.npy (uint8 [N, S, S, C]), "
+                       "labels.npy (class subfolders, .npz 'labels', NAME.labels.npy) and "
+                       "manifest.json (count, shape, levels, class names, SHA-256 per file). "
+                       "`ddpmkit train --data OUT` reads it in place, without decoding.",
+                       epilog="example:\n  ddpmkit prepare ./celeba_jpgs --out data/celeba64 "
+                       "--image-size 64\n  ddpmkit train --data data/celeba64 --config cifar10",
+                       formatter_class=fmt)
+    p.add_argument("src", help="an image folder (class subfolders become labels), a .npy/.npz "
+                   "array, or another prepared folder")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--image-size", type=_int_at_least(0), default=0,
+                   help="resize + centre-crop to N x N (default 0: the images' own size, which "
+                        "must then agree)")
+    p.add_argument("--channels", type=int, choices=(0, 1, 3), default=0,
+                   help="1 (grey) or 3 (RGB); 0: the data's own (default: 0)")
+    p.add_argument("--format", default="npy", choices=("npy",),
+                   help="output layout (default: npy)")
+    p.add_argument("--workers", type=_int_at_least(-1), default=-1,
+                   help="decoding processes (default -1: one per CPU)")
+    p.add_argument("--bad-files", default="skip", choices=("skip", "fail"),
+                   help="unreadable images: skip (warn, list in the manifest) or fail")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(func=cmd_prepare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -843,6 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_fid_parsers(sub, fmt)
     _add_edit_commands(sub, fmt)  # inpaint, edit, interpolate
+    _add_prepare_parser(sub, fmt)
 
     p = sub.add_parser("config", help="print a preset as TOML, to start a config file from")
     p.add_argument("preset", choices=list(C.RUN_PRESETS))

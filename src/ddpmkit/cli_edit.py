@@ -67,8 +67,8 @@ def load_images(path: str, data_shape: tuple[int, ...]) -> tuple[np.ndarray, boo
         if C == 3 and arr.shape[3] == 1:
             arr = np.repeat(arr, 3, axis=3)
         elif C == 1 and arr.shape[3] == 3 and not from_npz:
-            from .data import _luma
-            arr = _luma(arr)[..., None]
+            from .data.images import luma
+            arr = luma(arr)[..., None]
         else:
             raise ConfigError(f"--image {path}: {arr.shape[3]} channel(s), the model has {C}")
     return arr, from_npz

@@ -51,6 +51,7 @@ LIMITS = {
     "grad_accum": 100_000,
     "samples": 10_000_000,
     "seed": (1 << 32) - 1,
+    "workers": 256,                # DataLoader processes per training process
 }
 MAX_PARAMETERS = 2_000_000_000     # network parameters (8 GB of float32 weights)
 
@@ -103,10 +104,14 @@ class DataConfig:
     channels: int = field(default=0, metadata=_help("1 (grey) or 3 (RGB); 0: the data's own"))
     flip: bool = field(default=False, metadata=_help("random horizontal flips while training"))
     bad_files: str = field(default="skip", metadata=_help(
-        "unreadable files in an image folder: 'skip' (warn and count) or 'fail'"))
+        "unreadable images: 'skip' (warn, count in metrics.csv, read the next example "
+        "instead) or 'fail' (stop with an error naming the file)"))
     num_points: int = field(default=20000, metadata=_help("training points for the 2-D sets"))
     fingerprint: str = field(default="", metadata=_help(
         "content fingerprint of the data folder or file, set when a run starts", cli=False))
+    workers: int = field(default=-1, metadata=_help(
+        "DataLoader worker processes per training process for file data (images are "
+        "decoded there); -1: up to 4, half the CPUs; built-in sets are read in memory"))
 
     def __post_init__(self) -> None:
         _positive("image_size", self.image_size, allow_zero=True)
@@ -115,6 +120,9 @@ class DataConfig:
         _choice("bad_files", self.bad_files, ("skip", "fail"))
         _positive("num_points", self.num_points)
         _at_most("num_points", self.num_points, "num_points")
+        if not isinstance(self.workers, int) or self.workers < -1:
+            raise ConfigError(f"workers={_show(self.workers)} must be -1 (auto) or >= 0")
+        _at_most("workers", self.workers, "workers")
 
     @property
     def is_points(self) -> bool:

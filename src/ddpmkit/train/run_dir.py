@@ -121,25 +121,31 @@ def branch_aside(out: Path, step: int, metric_fields: list[str]) -> Path | None:
 def trim_metrics(path: Path, step: int, metric_fields: list[str], cut_to: Path) -> int:
     """Keep the rows of ``path`` up to ``step``; append the others to ``cut_to``.
 
-    A row cut short by a kill (fewer fields than the header) is moved too. Both files are
-    written through a temporary file and a rename; returns the number of rows moved.
+    A row cut short by a kill (fewer fields than the header) is moved too. A header other
+    than ``metric_fields`` (an older version's columns) is rewritten. Both files are written
+    through a temporary file and a rename; returns the number of rows moved.
     """
     if not os.path.lexists(path):
         return 0
     refuse_link(path, "metrics")
     try:
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames
         keep = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step
                 and None not in r.values() and None not in r]
         cut = [r for r in rows if not any(r is k for k in keep)]
-        if not cut:
-            return 0
-        if os.path.lexists(cut_to):
-            with open(cut_to, newline="") as f:
-                cut = list(csv.DictReader(f)) + cut
-        _write_rows(cut_to, cut, metric_fields)
-        _write_rows(path, keep, metric_fields)
+        if cut:
+            earlier = []
+            if os.path.lexists(cut_to):
+                with open(cut_to, newline="") as f:
+                    earlier = list(csv.DictReader(f))
+            _write_rows(cut_to, earlier + cut, metric_fields)
+        if cut or header != metric_fields:
+            # also when an older ddpmkit wrote fewer columns (bad_files): appended rows
+            # must line up with the header
+            _write_rows(path, keep, metric_fields)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DdpmkitError(f"cannot rewrite {path} on resume: {e}; move it away to start a "
                            "fresh metrics file") from None

@@ -2,7 +2,9 @@
 
 Randomness is arranged so that a run is reproducible and resumable exactly, and does not
 depend on the number of processes:
-- the data order is a fresh permutation per epoch, seeded by (seed, epoch);
+- the data order is a fresh permutation per epoch, seeded by (seed, epoch), consumed as one
+  stream whose position (``images_seen``) is saved; each rank reads only its rows of each
+  global batch, through DataLoader workers for file sources (``ddpmkit.data.loader``);
 - each example's timestep, flip and noise are drawn on the device from a generator seeded by
   (seed, the example's index in the data stream) alone (train/randomness.py), so each rank
   draws only its own examples and no generator state needs saving;
@@ -35,7 +37,7 @@ from ..config import (
     config_changes,
     describe_changes,
 )
-from ..data import Dataset, data_path, fingerprint, load_data
+from ..data import Batch, Dataset, Loader, data_path, fingerprint, load_data
 from ..diffusion import GaussianDiffusion
 from ..errors import CheckpointError, ConfigError, DdpmkitError
 from ..load import (  # noqa: F401  LoadedRun and load_for_inference moved to ddpmkit.load
@@ -66,7 +68,12 @@ from .randomness import ExampleDraws, example_seed, rng_state, set_rng_state
 from .timesteps import TimestepSampler
 
 METRIC_FIELDS = ["step", "images", "loss", "mse", "vb", "lr", "grad_norm", "loss_q0", "loss_q1",
-                 "loss_q2", "loss_q3", "steps_per_s", "elapsed_s", "skipped", "overflow", "fid"]
+                 "loss_q2", "loss_q3", "steps_per_s", "elapsed_s", "skipped", "overflow",
+                 "bad_files", "fid"]
+
+# The data order of checkpoints: "stream-v1" is DataOrder's epoch permutations consumed by
+# images_seen (checkpoints from before this key was written used the same order).
+DATA_ORDER = "stream-v1"
 
 
 class TrainingDiverged(DdpmkitError):
@@ -185,30 +192,6 @@ def _check_disk_space(out: Path, model: nn.Module, keep: int) -> None:
         dist.print0(f"warning: the disk of {out} has {free / mib:.0f} MiB free; "
                     f"keep_checkpoints={keep} needs about {need / mib:.0f} MiB more (lower "
                     "--keep-checkpoints or free some space)")
-
-
-class _DataOrder:
-    """Global batch indices for each step: epoch permutations seeded by (seed, epoch)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self._epoch, self._perm = -1, None
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
-        return self._perm
-
-    def indices(self, start: int, count: int) -> torch.Tensor:
-        """Indices of examples start .. start + count - 1 of the endless shuffled stream."""
-        out = []
-        while count > 0:
-            epoch, offset = divmod(start, self.n)
-            take = min(count, self.n - offset)
-            out.append(self._permutation(epoch)[offset:offset + take])
-            start, count = start + take, count - take
-        return torch.cat(out)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
@@ -350,6 +333,17 @@ class _RunDirLock:
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         self.file = f
+        # A forked child (a DataLoader worker) shares this open file and with it the lock: a
+        # SIGKILLed trainer's workers, which outlive it by a moment, would block the resume.
+        # Children point the descriptor at /dev/null instead; the parent's lock stays.
+        os.register_at_fork(after_in_child=self._drop_in_child)
+
+    def _drop_in_child(self) -> None:
+        if self.file is not None and not self.file.closed:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, self.file.fileno())
+            os.close(null)
+            self.file = None
 
     def release(self) -> None:
         if self.file is not None:
@@ -404,6 +398,23 @@ class _StepResult:
     ok: torch.Tensor                  # bool: the update was applied (loss and gradient finite)
 
 
+class _KeyLog:
+    """``DDPMKIT_KEY_LOG=FILE``: append ``STEP<tab>KEY<tab>KEY...`` per step (this rank's
+    examples; rank r > 0 writes FILE.rankR), to audit the data order (the resume tests read
+    it)."""
+
+    def __init__(self, rank: int):
+        path = os.environ.get("DDPMKIT_KEY_LOG")
+        self.enabled = bool(path)
+        self._file = None
+        if path:
+            self._file = open(path + (f".rank{rank}" if rank else ""), "a", buffering=1)
+
+    def write(self, step: int, keys: list[str] | None) -> None:
+        if self._file is not None and keys is not None:
+            self._file.write(f"{step}\t{chr(9).join(keys)}\n")
+
+
 class _Trainer:
     """One training run, in named parts: set-up (``__init__``), :meth:`restore`, :meth:`step`,
     :meth:`log`, :meth:`save` and the loop that calls them (:meth:`run`)."""
@@ -429,12 +440,15 @@ class _Trainer:
         if self.data.skipped:
             dist.print0(f"skipped {len(self.data.skipped)} unreadable file(s); first: "
                         f"{self.data.skipped[0]}")
+        self.bad_files = len(self.data.skipped)  # unreadable images met, in all ranks
         self.diffusion = build_diffusion(cfg)
         self._build_model()
         self._set_precision()
         self.timesteps = TimestepSampler(self.diffusion.num_timesteps, tc.timestep_sampler,
                                          device=self.device)
-        self.order = _DataOrder(len(self.data), tc.seed)
+        self.loader: Loader | None = None  # made at the first step, at the resumed position
+        self._bad_here = 0                 # this rank's unreadable images since the last count
+        self._key_log = _KeyLog(self.rank)
         self.draws = ExampleDraws(tc.seed, self.device)
         self.global_batch = tc.batch_size * self.world * tc.grad_accum
         # This rank's positions in the global batch: micro-batch a of rank r is slice
@@ -615,6 +629,7 @@ class _Trainer:
         self.images_seen = _count(state, "images_seen", 0)
         self.skipped_total = _count(state, "skipped", 0)
         self.overflow_total = _count(state, "overflow", 0)
+        self._restore_data_state(state.get("data", {}))
         self.health.load(self.skipped_total, self.overflow_total)
         self.window.load(state.get("log_window"))
         self._saved_world = (_count(state, "world_size", 1),
@@ -635,16 +650,50 @@ class _Trainer:
             dist.print0(f"moved {cut} metric row(s) after step {step} (not in the checkpoint) "
                         f"to {self.out / 'metrics.cut.csv'}")
 
+    def _restore_data_state(self, saved: dict) -> None:
+        """The loader's state is the stream position (images_seen) plus what defines the
+        stream; checkpoints without it (older ones) used the same stream."""
+        self.bad_files = _count(saved, "bad_files", self.bad_files)
+        order = saved.get("order", DATA_ORDER)
+        if order != DATA_ORDER:
+            raise CheckpointError(f"the checkpoint's data order {order!r} is unknown to this "
+                                  "ddpmkit; upgrade ddpmkit to resume it")
+        n = _count(saved, "examples", len(self.data))
+        if n != len(self.data):
+            dist.print0(f"warning: the checkpoint was trained on {n} examples, the data now "
+                        f"has {len(self.data)}: the epoch permutations differ, so the order "
+                        "does not continue exactly")
+
     def announce(self) -> None:
         cfg, data = self.cfg, self.data
         n_params = sum(p.numel() for p in self.model.parameters())
         dist.print0(f"data: {cfg.data.name} ({len(data)} examples, shape {tuple(data.shape)}, "
-                    f"levels {data.levels}); model: {n_params / 1e6:.2f}M parameters; device: "
-                    f"{self.device}; processes: {self.world}")
+                    f"levels {data.levels}{self._data_note()}); model: {n_params / 1e6:.2f}M "
+                    f"parameters; device: {self.device}; processes: {self.world}")
         if dist.is_main():
             _check_disk_space(self.out, self.model, cfg.train.keep_checkpoints)
 
     # ---- one step ------------------------------------------------------------------------
+
+    def _data_note(self) -> str:
+        labels = self.data.class_names
+        note = f", {len(labels)} classes" if labels else ""
+        if not self.data.in_memory:
+            workers = self.cfg.data.workers
+            note += f", read by {'auto' if workers < 0 else workers} worker(s) per process"
+        return note
+
+    def _next_examples(self) -> Batch:
+        """This rank's rows of the next global batch of the data stream (CPU, float32)."""
+        if self.loader is None:
+            self.loader = Loader(self.data, self.cfg.train.seed, self.images_seen,
+                                 self.global_batch, torch.as_tensor(self.mine),
+                                 self.cfg.data.workers, pin_memory=self.device.type == "cuda",
+                                 keys=self._key_log.enabled)
+        batch = self.loader.next()
+        self._bad_here += len(batch.bad)
+        self._key_log.write(self.step_count + 1, batch.keys)
+        return batch
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor | None]:
@@ -656,9 +705,8 @@ class _Trainer:
         a class-conditional run's label dropout (:func:`label_uniforms`).
         """
         data = self.data
-        idx = self.order.indices(self.images_seen, self.global_batch)
-        x0_all = data.x[idx]
-        x0 = x0_all[self.mine].to(self.device, non_blocking=True)
+        batch = self._next_examples()
+        x0 = batch.x.to(self.device, non_blocking=True)
         u, noise = self.draws([self.images_seen + i for i in self.mine], data.shape)
         t, w = self.timesteps.from_uniform(u[:, 0])
         if self.cfg.data.flip and data.kind == "image":
@@ -666,7 +714,7 @@ class _Trainer:
         y = None
         if self.labels is not None:
             stream = [self.images_seen + i for i in self.mine]
-            y = drop_labels(self.labels[idx][self.mine], self.cfg.train.class_dropout,
+            y = drop_labels(batch.y, self.cfg.train.class_dropout,
                             self.cfg.model.num_classes,
                             label_uniforms(self.cfg.train.seed, stream)).to(self.device)
         return x0, t, w, noise, y
@@ -806,11 +854,21 @@ class _Trainer:
                "steps_per_s": (self.step_count - self._last_log_step)
                / max(now - self._last_log_time, 1e-9),
                "elapsed_s": now - self.t_start, "skipped": self.skipped_total,
-               "overflow": self.overflow_total, **self.window.row(),
-               "fid": "" if fid is None else fid}
+               "overflow": self.overflow_total, "bad_files": self.bad_files,
+               **self.window.row(), "fid": "" if fid is None else fid}
         _append_metrics(self.out / "metrics.csv", row)
         self._last_log_time, self._last_log_step = now, self.step_count
         return row
+
+    def _count_bad_files(self) -> None:
+        """Add every rank's unreadable images since the last call (all ranks call it)."""
+        n = self._bad_here
+        if self.distributed:
+            t = torch.tensor([n], dtype=torch.float64, device=dist.comm_device())
+            torch.distributed.all_reduce(t)
+            n = int(t.item())
+        self.bad_files += n
+        self._bad_here = 0
 
     def save(self) -> Path:
         """Rank 0 writes; every rank must call it (it gathers each rank's dropout RNG)."""
@@ -825,7 +883,9 @@ class _Trainer:
             for kind, states in rng.items():
                 for r, state in enumerate(states):
                     tensors[f"rng.{kind}.rank{r}"] = state
-            state = {"optimizer": opt_meta, "images_seen": self.images_seen,
+            data_state = {"order": DATA_ORDER, "examples": len(self.data),
+                          "bad_files": self.bad_files}
+            state = {"optimizer": opt_meta, "images_seen": self.images_seen, "data": data_state,
                      "skipped": self.skipped_total, "overflow": self.overflow_total,
                      "world_size": self.world, "global_batch": self.global_batch,
                      "log_window": self.window.state()}
@@ -894,7 +954,10 @@ class _Trainer:
                 fid_step = bool(tc.fid_every) and step % tc.fid_every == 0
                 if fid_step:
                     fid = self.fid.measure(self.model, self.ema, self.diffusion)  # all ranks
-                if step % tc.log_every == 0 or fid_step:  # an FID step gets its own row
+                logged = step % tc.log_every == 0 or fid_step  # an FID step gets its own row
+                if logged or step % tc.checkpoint_every == 0:
+                    self._count_bad_files()  # all ranks
+                if logged:
                     self._check_health()  # on every rank, so that all stop together
                     if dist.is_main():
                         row = self.log(r.lr, fid)
@@ -909,6 +972,9 @@ class _Trainer:
             # Still under _Stop: a SIGTERM arriving during this last save must not cut it short.
             if bar is not None:
                 bar.close()
+            if self.loader is not None:
+                self.loader.close()
+            self._count_bad_files()
             if self.last_ckpt is None or int(self.last_ckpt.name[5:]) != self.step_count:
                 self.last_ckpt = self.save()
         elapsed = time.time() - self.t_start

@@ -1,0 +1,66 @@
+"""Where a data name points, and a cheap content fingerprint of what is there.
+
+The fingerprint is saved in a run's config (``DataConfig.fingerprint``) and checked at every
+resume and ``eval``, so that a run never silently continues on other data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from ..errors import DataError
+from .images import list_images
+from .sources import BUILTIN_SETS
+
+_FINGERPRINT_ITEMS = 32     # files of a folder, or chunks of an array file, that are hashed
+_FINGERPRINT_CHUNK = 1 << 16
+
+
+def data_path(name: str) -> Path | None:
+    """The absolute path a data name points to, or None for a built-in set.
+
+    Saved in ``config.json`` this way, so that ``eval`` run from another folder reads the same
+    data, not whatever a relative path means there.
+    """
+    if name in BUILTIN_SETS or not name.strip():
+        return None
+    return Path(os.path.abspath(Path(name).expanduser()))
+
+
+def fingerprint(name: str) -> str:
+    """A short content fingerprint of a data folder or array file ("" for built-in sets).
+
+    ``"files=N sha256=H"`` for a folder: N image files, H over the relative name, size and
+    bytes of up to 32 of them, evenly spaced in sorted order. ``"bytes=N sha256=H"`` for an
+    array file: its size, and H over up to 32 evenly spaced 64 KiB chunks. Reads at most a
+    few MiB, so it is cheap enough to check at every resume and ``eval``.
+    """
+    path = data_path(name)
+    if path is None or not path.exists():
+        return ""
+    h = hashlib.sha256()
+    try:
+        if path.is_dir():
+            files = list_images(path)
+            for i in _evenly_spaced(len(files)):
+                h.update(files[i].relative_to(path).as_posix().encode() + b"\0")
+                h.update(files[i].read_bytes())
+            return f"files={len(files)} sha256={h.hexdigest()[:16]}"
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            for i in _evenly_spaced(max(1, size // _FINGERPRINT_CHUNK)):
+                f.seek(i * _FINGERPRINT_CHUNK)
+                h.update(f.read(_FINGERPRINT_CHUNK))
+        return f"bytes={size} sha256={h.hexdigest()[:16]}"
+    except OSError as e:
+        raise DataError(f"cannot read {path} to fingerprint it: {e.strerror or e}") from None
+
+
+def _evenly_spaced(n: int) -> list[int]:
+    """Up to ``_FINGERPRINT_ITEMS`` indices spread over ``range(n)``, first and last included."""
+    k = min(n, _FINGERPRINT_ITEMS)
+    if k <= 1:
+        return list(range(k))
+    return sorted({round(j * (n - 1) / (k - 1)) for j in range(k)})
