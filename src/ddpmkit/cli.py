@@ -761,13 +761,7 @@ def _add_prepare_parser(sub, fmt) -> None:
     p.set_defaults(func=cmd_prepare)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="ddpmkit", formatter_class=fmt,
-        description="Denoising diffusion probabilistic models: train, sample, evaluate.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_train_parser(sub, fmt) -> None:
     p = sub.add_parser("train", help="train a model (default: the digits preset)",
                        description="Train a diffusion model. With no arguments: the built-in "
                        "digits preset (8x8 digits, ~8 minutes on 2 CPU cores). The defaults "
@@ -793,6 +787,16 @@ def build_parser() -> argparse.ArgumentParser:
         C.add_flags(p, cls, prefix=prefix, group_title=f"{section} options",
                     defaults=getattr(C.RUN_PRESETS["digits"], section))
     p.set_defaults(func=cmd_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="ddpmkit", formatter_class=fmt,
+        description="Denoising diffusion probabilistic models: train, sample, evaluate.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_train_parser(sub, fmt)
 
     p = sub.add_parser("sample", help="draw samples from a trained model",
                        description="Draw samples from a checkpoint (EMA weights) into a PNG grid "
