@@ -64,6 +64,18 @@ def torchrun(*args: str, nproc: int = 2, cwd=None) -> str:
     assert proc.returncode == 0, out[-4000:]
     return out
 
+def one_and_two_process_json(args: list[str], capsys) -> tuple[dict, dict]:
+    """The --json report of ``ddpmkit ARGS`` in this process and under 2-process torchrun."""
+    out = torchrun(*args)
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone reports
+    two = json.loads(lines[0])
+    capsys.readouterr()
+    assert main(args) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return one, two
+
+
 
 def _weights(ckpt, name="model.safetensors"):
     return load_file(ckpt / name)
@@ -182,13 +194,7 @@ def test_two_process_eval_equals_one_process(one_proc, capsys):
     # 7 examples: rank 0 evaluates 0, 2, 4, 6 and rank 1 evaluates 1, 3, 5
     args = ["eval", "--checkpoint", str(one_proc), "--max-examples", "7", "--json",
             "--no-progress"]
-    out = torchrun(*args)
-    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-    assert len(lines) == 1  # rank 0 alone reports
-    two = json.loads(lines[0])
-    capsys.readouterr()
-    assert main(args) == 0
-    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    one, two = one_and_two_process_json(args, capsys)
     assert one["n"] == two["n"] == 7
     for key in ("bits_per_dim", "prior", "diffusion", "decoder", "stderr"):
         assert two[key] == pytest.approx(one[key], rel=1e-9, abs=0), key
@@ -317,13 +323,7 @@ def test_two_process_fid_equals_one_process(one_proc, tmp_path, capsys):
     args = ["fid", "--checkpoint", str(one_proc), "--num", "5", "--batch-size", "2",
             "--steps", "4", "--ref", str(tmp_path / "ref.npz"), "--inception",
             str(tmp_path / "w.pth"), "--json", "--no-progress"]
-    out = torchrun(*args)
-    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-    assert len(lines) == 1  # rank 0 alone reports
-    two = json.loads(lines[0])
-    capsys.readouterr()
-    assert main(args) == 0
-    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    one, two = one_and_two_process_json(args, capsys)
     assert one["num_samples"] == two["num_samples"] == 5
     for key in ("fid", "kid", "kid_se", "is", "is_std", "precision", "recall"):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), key
