@@ -364,6 +364,9 @@ def _load(cfg: DataConfig, split: str) -> Dataset:
     if not name.strip():  # Path("") is the current folder: never load that by accident
         raise DataError(f"data name {name!r} is empty; pass a built-in set "
                         f"({', '.join(BUILTIN_SETS)}), an image folder or a .npy/.npz file")
+    from . import hf  # HF datasets / parquet: pyarrow is imported only when one is opened
+    if hf.claims(name):
+        return hf.load(cfg, split)
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_folder(path, cfg, split)
@@ -449,6 +452,9 @@ def _load_folder(folder: Path, cfg: DataConfig, split: str) -> Dataset:
         from .prepare import load_prepared
         return load_prepared(folder, cfg, split)
     files = images.list_images(folder)
+    from . import hf
+    if not files and hf.parquet_in(folder):  # a folder of parquet files
+        return hf.load(cfg, split)
     if not files:
         raise DataError(f"folder {folder} holds no image files (looked for "
                         f"{', '.join(sorted(images.IMAGE_EXTENSIONS))}, recursively)")
