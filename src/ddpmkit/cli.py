@@ -743,7 +743,9 @@ def _add_prepare_parser(sub, fmt) -> None:
                        "--image-size 64\n  ddpmkit train --data data/celeba64 --config cifar10",
                        formatter_class=fmt)
     p.add_argument("src", help="an image folder (class subfolders become labels), a .npy/.npz "
-                   "array, or another prepared folder")
+                   "array, another prepared folder, a Hugging Face datasets folder "
+                   "(save_to_disk; its train split) or parquet files (a file, a glob, a folder); "
+                   "the last two need pip install 'ddpmkit[hf]'")
     p.add_argument("--out", required=True, help="the folder to write")
     p.add_argument("--image-size", type=_int_at_least(0), default=0,
                    help="resize + centre-crop to N x N (default 0: the images' own size, which "

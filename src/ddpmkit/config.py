@@ -98,7 +98,9 @@ def _seed(name: str, value: int) -> None:
 class DataConfig:
     name: str = field(default="digits", metadata=_help(
         "data set: digits | moons | swissroll | 8gaussians | checkerboard | circles, "
-        "or a path to an image folder or a .npy/.npz array", flag="data"))
+        "or a path to an image folder, a .npy/.npz array, a prepared folder, a Hugging Face "
+        "datasets folder (save_to_disk) or parquet files (pip install 'ddpmkit[hf]')",
+        flag="data"))
     image_size: int = field(default=0, metadata=_help(
         "resize + centre-crop images to this size (0: keep the data's own size)"))
     channels: int = field(default=0, metadata=_help("1 (grey) or 3 (RGB); 0: the data's own"))

@@ -35,13 +35,20 @@ def fingerprint(name: str) -> str:
     ``"files=N sha256=H"`` for a folder: N image files, H over the relative name, size and
     bytes of up to 32 of them, evenly spaced in sorted order. ``"bytes=N sha256=H"`` for an
     array file: its size, and H over up to 32 evenly spaced 64 KiB chunks. Reads at most a
-    few MiB, so it is cheap enough to check at every resume and ``eval``.
+    few MiB, so it is cheap enough to check at every resume and ``eval``. A Hugging Face
+    source (:mod:`.hf`; a parquet glob too) is ``"files=N sha256=H"`` over its data files'
+    names and sizes and the first 64 KiB of up to 32 of them.
     """
+    from . import hf  # looks at names only
+
     path = data_path(name)
-    if path is None or not path.exists():
+    if path is None or not (path.exists() or hf.claims(name)):
         return ""
     h = hashlib.sha256()
     try:
+        if hf.claims(name) or (path.is_dir() and not list_images(path) and hf.parquet_in(path)):
+            root = path if path.is_dir() else path.parent
+            return _fingerprint_files(root, hf.source_files(name), h)
         if path.is_dir():
             files = list_images(path)
             for i in _evenly_spaced(len(files)):
@@ -56,6 +63,17 @@ def fingerprint(name: str) -> str:
         return f"bytes={size} sha256={h.hexdigest()[:16]}"
     except OSError as e:
         raise DataError(f"cannot read {path} to fingerprint it: {e.strerror or e}") from None
+
+
+def _fingerprint_files(path: Path, files: list[Path], h) -> str:
+    """A Hugging Face source's data files: each one's name and size, plus the first 64 KiB
+    of up to 32 of them (evenly spaced)."""
+    for f in files:
+        h.update(f"{os.path.relpath(f, path)}\0{f.stat().st_size}\0".encode())
+    for i in _evenly_spaced(len(files)):
+        with open(files[i], "rb") as fh:
+            h.update(fh.read(_FINGERPRINT_CHUNK))
+    return f"files={len(files)} sha256={h.hexdigest()[:16]}"
 
 
 def _evenly_spaced(n: int) -> list[int]:

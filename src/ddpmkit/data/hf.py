@@ -130,9 +130,11 @@ def _json(path: Path) -> dict:
 
 
 def _arrow_files(folder: Path) -> list[Path]:
-    listed = _json(folder / "state.json").get("_data_files") if (folder / "state.json").is_file() \
-        else None
-    if isinstance(listed, list) and listed:
+    state = _json(folder / "state.json") if (folder / "state.json").is_file() else {}
+    listed = state.get("_data_files")
+    if listed == []:  # save_to_disk of an empty dataset writes no arrow file
+        raise DataError(f"{folder} holds no rows")
+    if isinstance(listed, list):
         files = [folder / str(d.get("filename", "")) for d in listed if isinstance(d, dict)]
     else:
         files = sorted(folder.glob("*.arrow"))
