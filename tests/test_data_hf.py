@@ -113,7 +113,7 @@ def test_grey_and_resized_reads_match_the_folder_decoder(hf_sources, tmp_path):
         assert hf.shape == folder.shape and torch.equal(hf.x, folder.x)
 
 
-def test_loader_workers_read_the_same_batches_as_the_main_process(hf_sources):
+def test_loader_workers_and_resume_read_the_same_batches_as_the_main_process(hf_sources):
     ds = _load(hf_sources["root"] / "folder")
     rows = rank_rows(0, 1, 16, 1)
     batches = []
@@ -122,8 +122,13 @@ def test_loader_workers_read_the_same_batches_as_the_main_process(hf_sources):
                         keys=True)
         batches.append([loader.next() for _ in range(4)])  # 64 > 43: crosses an epoch
         loader.close()
-    for a, b in zip(*batches, strict=True):
+    # a loader resumed 2 batches in (another worker count) reads what the straight one read
+    resumed = Loader(ds, seed=3, start=5 + 32, global_batch=16, rows=rows, workers=1, keys=True)
+    batches.append([None, None] + [resumed.next() for _ in range(2)])
+    resumed.close()
+    for a, b, c in zip(*batches, strict=True):
         assert a.keys == b.keys and torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+        assert c is None or (c.keys == a.keys and torch.equal(c.x, a.x))
     # each key names its row, and the row's pixels and label are the ones written
     pix, labels = hf_sources["pix"], hf_sources["labels"]
     for batch in batches[1]:
@@ -153,12 +158,14 @@ def test_prepare_then_train_round_trip_and_class_cond_training_directly(hf_sourc
 
 
 def _with_bad_rows(root: Path) -> tuple[Path, np.ndarray]:
-    """20 images; row 3 is not an image at all, row 11 a PNG cut short (its header reads)."""
+    """20 images; row 3 is not an image at all, row 11 a PNG cut short (its header reads),
+    row 15 null (no bytes, no path)."""
     pix = _pixels(20, seed=1)
     raw = [_png(a) for a in pix]
     raw[3], raw[11] = b"not an image", raw[11][:-40]
     datasets.Dataset.from_dict(
-        {"image": [{"bytes": b, "path": None} for b in raw], "label": [0] * 20},
+        {"image": [None if i == 15 else {"bytes": b, "path": None} for i, b in enumerate(raw)],
+         "label": [i % 3 for i in range(20)]},
         features=_features()).save_to_disk(str(root / "bad"))
     return root / "bad", pix
 
@@ -169,11 +176,11 @@ def test_unreadable_rows_are_skipped_and_counted_or_fail_naming_the_row(tmp_path
         ds = load_data(DataConfig(name=str(src)), "train")
         x = ds.x
     said = " ".join(str(w.message) for w in caught)
-    assert f"{src}[3]" in said and f"{src}[11]" in said
-    # row 3 fails the header pass, so 19 rows remain: too few for a test example, all train
-    keep = [i for i in range(20) if i not in (3, 11)]
-    assert torch.equal(x, _as_float(pix[keep])) and sorted(ds.skipped) == [f"{src}[11]",
-                                                                          f"{src}[3]"]
+    assert f"{src}[3]" in said and f"{src}[11]" in said and f"{src}[15]: the row has" in said
+    # rows 3 and 15 fail the header pass; the 18 left are too few for a test example
+    keep = [i for i in range(20) if i not in (3, 11, 15)]
+    assert torch.equal(x, _as_float(pix[keep])) and ds.labels.tolist() == [i % 3 for i in keep]
+    assert sorted(ds.skipped) == [f"{src}[11]", f"{src}[15]", f"{src}[3]"]
     with pytest.raises(DataError, match=r"cannot read image .*bad\[3\]"):
         load_data(DataConfig(name=str(src), bad_files="fail"), "train")
     # in training, the row that passed the header pass is replaced, counted and named

@@ -255,7 +255,8 @@ def _index_file(pa, path: Path, image: str, label: str | None):
                 raise DataError(f"{path}: its arrow buffers are compressed; save the dataset "
                                 "again without compression")
             lengths = np.diff(ends).astype(np.int64)
-            valid = data.is_valid().to_numpy(zero_copy_only=False)
+            valid = (data.is_valid().to_numpy(zero_copy_only=False)
+                     & col.is_valid().to_numpy(zero_copy_only=False))  # a null image row
             lengths[~valid | (lengths == 0)] = -1
             paths = {k: where[k].as_py() for k in np.flatnonzero(lengths < 0).tolist()} \
                 if where is not None else {k: None for k in np.flatnonzero(lengths < 0).tolist()}
