@@ -33,7 +33,7 @@ from ddpmkit import sample
 from ddpmkit.config import DataConfig
 from ddpmkit.data import load_data
 from ddpmkit.editing import inpaint
-from ddpmkit.load import load
+from ddpmkit.loading import load
 from ddpmkit.metrics import digit_labels, digit_quality, load_digit_classifier, real_digit_baseline
 
 DEFAULT_SCALES = (0.0, 1.0, 1.5, 2.0, 3.0, 5.0)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ddpmkit import sample, viz
-from ddpmkit.load import clip_denoised_for, load
+from ddpmkit.loading import clip_denoised_for, load
 
 DEFAULT_SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++3m", "heun")
 DEFAULT_CALLS = (5, 10, 20, 50, 100, 250, 1000)

@@ -363,7 +363,7 @@ MUTANTS: list[Mutant] = [
       "self.ema.state_dict(), tensors, state, self.cfg,",
       "self.model.state_dict(), tensors, state, self.cfg,", TRAIN,
       "ema.safetensors written from the raw weights"),
-    M("inference-loads-raw", "load.py",
+    M("inference-loads-raw", "loading.py",
       "model.load_state_dict(ckpt.ema if use_ema else ckpt.model)",
       "model.load_state_dict(ckpt.model if use_ema else ckpt.ema)", TRAIN,
       "sample/eval load the raw weights when asked for the EMA"),

@@ -26,7 +26,7 @@ from ddpmkit.interop import (
     settings_from_scheduler,
     unet2d_config_from_model,
 )
-from ddpmkit.load import build_diffusion
+from ddpmkit.loading import build_diffusion
 from ddpmkit.nn import build_model
 from ddpmkit.nn.unet import UNet, to_diffusers_name
 from ddpmkit.train.checkpoint import save_checkpoint

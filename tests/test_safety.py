@@ -568,15 +568,35 @@ def test_tampered_trainer_state_is_one_line(tmp_path, capsys, trained, edit, nee
     assert_one_error_line(rc, err, "trainer state", needle)
 
 
+def test_the_command_entry_point_loads_without_torch():
+    """The console script's module and ``import ddpmkit`` stay light, so the entry point is
+    running (and catching Ctrl-C) within milliseconds, before torch loads."""
+    code = "import sys, ddpmkit.console; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=SRC), check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_every_public_name_loads_and_load_stays_the_function():
+    """The lazily loaded package gives every name of ``__all__``, and importing a submodule
+    never rebinds a public name (``ddpmkit.load`` is the function, whatever ran before)."""
+    code = ("import ddpmkit, ddpmkit.loading, ddpmkit.cli, ddpmkit.sampling\n"
+            "missing = [n for n in ddpmkit.__all__ if getattr(ddpmkit, n, None) is None]\n"
+            "print(missing, callable(ddpmkit.load), ddpmkit.load is ddpmkit.loading.load)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=SRC), check=True).stdout
+    assert out.split() == ["[]", "True", "True"]
+
+
 def test_ctrl_c_in_the_first_second_exits_130_without_a_traceback(tmp_path):
-    """SIGINT while the command builds its parser, imports its parts, loads data, builds the
-    network or starts the loop: "interrupted" (130) or a saved checkpoint (0), never a
-    traceback. (Signalled once the package is imported: a Ctrl-C during ``import ddpmkit``
-    itself, which imports torch, still ends in Python's own traceback.)"""
+    """SIGINT while the command imports torch and its parts, builds its parser, loads data,
+    builds the network or starts the loop: "interrupted" (130) or a saved checkpoint (0),
+    never a traceback. Signalled from the moment the entry point's module is imported (what
+    the ``ddpmkit`` console script does first)."""
     argv = ["train", "--out", str(tmp_path / "run"), "--max-steps", "1", *STEP_FLAGS]
-    code = ("import sys, ddpmkit; from ddpmkit.cli import main; print('up', flush=True); "
+    code = ("import sys; from ddpmkit.console import main; print('up', flush=True); "
             f"sys.exit(main({argv!r}))")
-    for delay in (0.0, 0.2, 0.6):
+    for delay in (0.0, 0.05, 0.2, 0.6):
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=tmp_path,
                                 env=dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1"))

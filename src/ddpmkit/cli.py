@@ -201,7 +201,7 @@ def cmd_sample(args) -> int:
 
     from . import dist, viz
     from .data import to_uint8
-    from .load import clip_denoised_for, load
+    from .loading import clip_denoised_for, load
     from .outputs import check_output
     from .runtime import set_tf32
     from .sampling import sample
@@ -320,7 +320,7 @@ def cmd_eval(args) -> int:
     from . import dist
     from .data import load_data
     from .evaluate import evaluate_bpd
-    from .load import clip_denoised_for, load
+    from .loading import clip_denoised_for, load
     from .runtime import set_tf32
 
     set_tf32(args.tf32)
@@ -398,7 +398,7 @@ def _term(value: float) -> str:
 
 def cmd_show(args) -> int:
     from .data import load_data
-    from .load import build_diffusion, load
+    from .loading import build_diffusion, load
     from .outputs import check_output
 
     out = check_output(args.out)
@@ -459,7 +459,7 @@ def _show_reverse(run, args, out: Path, written: list) -> None:
     import torch
 
     from . import viz
-    from .load import clip_denoised_for
+    from .loading import clip_denoised_for
     from .sampling import sample
 
     n_cols, diffusion = args.frames, run.diffusion
@@ -490,7 +490,7 @@ def cmd_encode(args) -> int:
 
     from . import viz
     from .data import load_data
-    from .load import clip_denoised_for, load
+    from .loading import clip_denoised_for, load
     from .outputs import check_output
     from .sampling import ddim_reconstruct
 
@@ -524,7 +524,7 @@ def cmd_encode(args) -> int:
 
 def cmd_export(args) -> int:
     from .interop import check_export_target, export_pipeline
-    from .load import load
+    from .loading import load
     from .outputs import check_output, check_writable
 
     check_output(args.out, writable=False)  # not inside a checkpoint or a run's checkpoints/
@@ -560,7 +560,7 @@ def _fid_sample_features(args, net, device_name: str):
 
     from . import dist
     from .fid import sample_features
-    from .load import load
+    from .loading import load
 
     run = load(args.checkpoint, device=device_name, use_ema=not args.raw_weights)
     if run.kind != "image":

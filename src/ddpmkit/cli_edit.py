@@ -149,7 +149,7 @@ def _to_model(u8: np.ndarray, device):
 
 
 def _load(args):
-    from .load import load
+    from .loading import load
     run = load(args.checkpoint, device=args.device, use_ema=not args.raw_weights)
     if run.kind != "image":
         raise ConfigError(f"{args.command} works on image models; this one makes 2-D points")

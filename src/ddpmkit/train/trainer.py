@@ -40,7 +40,7 @@ from ..config import (
 from ..data import Batch, Dataset, Loader, data_path, fingerprint, load_data
 from ..diffusion import GaussianDiffusion
 from ..errors import CheckpointError, ConfigError, DdpmkitError
-from ..load import (  # noqa: F401  LoadedRun and load_for_inference moved to ddpmkit.load
+from ..loading import (  # noqa: F401  LoadedRun and load_for_inference live in ddpmkit.loading
     LoadedRun,
     build_diffusion,
     clip_denoised_for,

@@ -1,5 +1,6 @@
 """``ddpmkit.load``: a trained model ready for inference, from a ddpmkit run or checkpoint
-folder or from a diffusers folder.
+folder or from a diffusers folder. (The module is ``ddpmkit.loading`` so that its name never
+shadows the function ``ddpmkit.load`` in the lazily loaded package.)
 
 Sampling, evaluation and the other inference commands start here, so none of them imports
 the trainer. Nothing is unpickled: ddpmkit checkpoints and diffusers ``.safetensors`` are
