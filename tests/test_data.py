@@ -77,6 +77,32 @@ def test_digits_shapes_levels_and_split():
     assert torch.equal(load("digits").x, train.x)
 
 
+def test_digits_read_without_scikit_learn_equal_load_digits(monkeypatch):
+    """data/digits.py reads scikit-learn's CSV directly, without importing scikit-learn; the
+    arrays equal load_digits' exactly, and so does the fallback when the CSV is not found."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from ddpmkit.data import digits
+
+    bunch = load_digits()
+    for found in (True, False):
+        digits.digits_arrays.cache_clear()
+        if not found:
+            monkeypatch.setattr(digits, "_read_csv", lambda: None)
+        images, labels = digits.digits_arrays()
+        assert images.dtype == np.uint8 and np.array_equal(images, bunch.images)
+        assert labels.dtype == np.int64 and np.array_equal(labels, bunch.target)
+    digits.digits_arrays.cache_clear()
+    code = ("import sys; from ddpmkit.data.digits import digits_arrays; digits_arrays(); "
+            "print(sorted(m for m in ('sklearn', 'scipy', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_digits_size_and_channels():
     base = load("digits").x
     big = load("digits", image_size=16, channels=3)

@@ -96,9 +96,9 @@ def digit_labels(split: str = "test") -> torch.Tensor:
     """Class labels (int64 ``[N]``) of ``load_data(digits, split)``, in the same order."""
     if split not in ("train", "test"):
         raise DataError(f"split={split!r} must be 'train' or 'test'")
-    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
+    from .data.digits import digits_arrays
 
-    y = torch.from_numpy(load_digits().target).to(torch.int64)
+    y = torch.from_numpy(digits_arrays()[1].copy())
     return y[:_DIGITS_TRAIN] if split == "train" else y[_DIGITS_TRAIN:]
 
 

@@ -28,6 +28,7 @@ from ..config import POINT_SETS, DataConfig
 from ..errors import DataError
 from . import images
 from .arrays import ArrayFile, open_array_file
+from .digits import digits_arrays
 from .images import u8_to_float
 from .points import sample_points
 
@@ -395,11 +396,9 @@ def _split_or_borrow(n: int, split: str, what: object) -> _Split:
 def _load_digits(cfg: DataConfig, split: str) -> Dataset:
     """scikit-learn's 8x8 digits (values 0..16) as ``[N, C, 8k, 8k]`` on the 17-level grid,
     with their class labels 0..9."""
-    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
-
-    bunch = load_digits()
+    all_images, all_labels = digits_arrays()  # uint8 [1797, 8, 8] 0..16, int64 [1797]
     part = slice(None, _DIGITS_TRAIN) if split == "train" else slice(_DIGITS_TRAIN, None)
-    images_ = bunch.images[part]  # float64 [N, 8, 8], integers 0..16
+    images_ = all_images[part].astype(np.float64)  # integers 0..16
     # v / 16 * 2 - 1 = v / 8 - 1 is exact in float32: the 17 bin centres -1 + 2k/16.
     x = torch.from_numpy(images_ / 8.0 - 1.0).to(torch.float32)[:, None]
     size = cfg.image_size
@@ -413,7 +412,7 @@ def _load_digits(cfg: DataConfig, split: str) -> Dataset:
         x = x.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
     if cfg.channels == 3:
         x = x.expand(-1, 3, -1, -1).contiguous()
-    labels = torch.from_numpy(bunch.target[part].astype(np.int64))
+    labels = torch.from_numpy(all_labels[part].copy())
     return Dataset("digits", x, 17, "image", [], labels=labels,
                    class_names=tuple(str(d) for d in range(10)))
 
