@@ -656,7 +656,7 @@ def cmd_prepare(args) -> int:
     from .data.prepare import prepare
     m = prepare(args.src, args.out, image_size=args.image_size, channels=args.channels,
                 fmt=args.format, workers=args.workers, progress=not args.no_progress,
-                bad_files=args.bad_files)
+                bad_files=args.bad_files, shard_size=args.shard_size)
     c, h, w = m["shape"]
     labels = f", {len(m['class_names'])} classes" if m["class_names"] else ""
     print(f"prepared {m['count']} images of {c}x{h}x{w}{labels} into {args.out} "
@@ -736,24 +736,31 @@ def _add_prepare_parser(sub, fmt) -> None:
     p = sub.add_parser("prepare", help="decode and resize images once, into uint8 files",
                        description="Decode, resize/centre-crop and quantise a data source once, "
                        "in parallel, into a prepared folder: images.npy (uint8 [N, S, S, C]), "
-                       "labels.npy (class subfolders, .npz 'labels', NAME.labels.npy) and "
-                       "manifest.json (count, shape, levels, class names, SHA-256 per file). "
+                       "labels.npy (class subfolders, .npz 'labels', NAME.labels.npy, .cls "
+                       "members), or tar shards with --format shards, and manifest.json "
+                       "(count, shape, levels, class names, SHA-256 per file). "
                        "`ddpmkit train --data OUT` reads it in place, without decoding.",
                        epilog="example:\n  ddpmkit prepare ./celeba_jpgs --out data/celeba64 "
                        "--image-size 64\n  ddpmkit train --data data/celeba64 --config cifar10",
                        formatter_class=fmt)
     p.add_argument("src", help="an image folder (class subfolders become labels), a .npy/.npz "
-                   "array, another prepared folder, a Hugging Face datasets folder "
-                   "(save_to_disk; its train split) or parquet files (a file, a glob, a folder); "
-                   "the last two need pip install 'ddpmkit[hf]'")
+                   "array, tar shards (a brace pattern, glob or list file), another "
+                   "prepared folder, a Hugging Face datasets folder (save_to_disk; its train "
+                   "split) or parquet files (a file, a glob, a folder); the last two need pip "
+                   "install 'ddpmkit[hf]'")
     p.add_argument("--out", required=True, help="the folder to write")
     p.add_argument("--image-size", type=_int_at_least(0), default=0,
                    help="resize + centre-crop to N x N (default 0: the images' own size, which "
                         "must then agree)")
     p.add_argument("--channels", type=int, choices=(0, 1, 3), default=0,
                    help="1 (grey) or 3 (RGB); 0: the data's own (default: 0)")
-    p.add_argument("--format", default="npy", choices=("npy",),
-                   help="output layout (default: npy)")
+    p.add_argument("--format", default="npy", choices=("npy", "shards"),
+                   help="npy: one images.npy (+ labels.npy); shards: tar shards of KEY.npy "
+                        "(+ KEY.cls) members, in a seeded shuffle, for streaming or copying "
+                        "to object storage (default: npy)")
+    p.add_argument("--shard-size", type=_int_at_least(20), default=10_000,
+                   help="--format shards: examples per shard, a multiple of 20 "
+                        "(default: 10000)")
     p.add_argument("--workers", type=_int_at_least(-1), default=-1,
                    help="decoding processes (default -1: one per CPU)")
     p.add_argument("--bad-files", default="skip", choices=("skip", "fail"),

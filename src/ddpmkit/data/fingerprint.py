@@ -24,8 +24,8 @@ def data_path(name: str) -> Path | None:
     Saved in ``config.json`` this way, so that ``eval`` run from another folder reads the same
     data, not whatever a relative path means there.
     """
-    if name in BUILTIN_SETS or not name.strip():
-        return None
+    if name in BUILTIN_SETS or not name.strip() or name.strip().lower().startswith("pipe:"):
+        return None  # a pipe: command is kept as given (it is not a path)
     return Path(os.path.abspath(Path(name).expanduser()))
 
 

@@ -13,8 +13,10 @@ of the stream; rank ``r`` reads only its rows of it (see :func:`rank_rows`). Hen
   cut into global batches of the new size and sliced across the new ranks. Nothing is
   skipped or repeated.
 
-Map-style sources only (built-in sets, arrays, folders, prepared folders); images cross the
-worker boundary as uint8 and become [-1, 1] floats here, per batch.
+Map-style sources (built-in sets, arrays, folders, prepared folders, local tar shards) follow
+these rules; ``pipe:`` shards are streams with rules of their own (:mod:`.stream`), served
+through the same :class:`Loader`. Images cross the worker boundary as uint8 and become
+[-1, 1] floats here, per batch.
 """
 
 from __future__ import annotations
@@ -177,14 +179,20 @@ class Loader:
 
     def __init__(self, data: Dataset, seed: int, start: int, global_batch: int,
                  rows: torch.Tensor, workers: int = -1, pin_memory: bool = False,
-                 keys: bool = False):
+                 keys: bool = False, rank: int = 0, world: int = 1,
+                 stream_state: dict | None = None):
         self.data, self.want_keys = data, keys
         self.order = DataOrder(len(data), seed)
         self.pos, self.global_batch, self.rows = start, global_batch, rows
         self.workers = default_workers(data) if workers < 0 else workers
         self._it = None
         self._warned: set[str] = set()
-        if not data.in_memory:
+        self.stream = None  # the position of a pipe: stream (data.stream.StreamState)
+        if getattr(data.reader, "streaming", False):
+            from .stream import stream_loader
+            self._it, self.stream = stream_loader(
+                data, seed, len(rows), rank, world, self.workers, pin_memory, stream_state)
+        elif not data.in_memory:
             loader = DataLoader(
                 _Examples(data.reader, data.bad_files),
                 batch_sampler=_RankSteps(self.order, start, global_batch, rows),
@@ -203,13 +211,15 @@ class Loader:
             batch = self._from_memory()
         else:
             try:
-                u8, y, keys, bad = next(self._it)
+                u8, y, keys, bad, *cursor = next(self._it)
             except RuntimeError as e:  # a worker died (killed, out of memory)
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise DataError(f"a data loader worker failed: {first[:200]}") from None
             if isinstance(u8, str):
                 raise DataError(u8)
             self._report(bad, failed=u8 is None)
+            if cursor and self.stream is not None:
+                self.stream.advance(*cursor[0])
             batch = Batch(u8_to_float(u8), y, keys if self.want_keys else None, bad)
         self.pos += self.global_batch
         return batch

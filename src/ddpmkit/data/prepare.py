@@ -1,12 +1,15 @@
 """``ddpmkit prepare``: decode, resize/crop and quantise a source once, into a prepared folder.
 
-A prepared folder holds ``images.npy`` (uint8 ``[N, S, S, C]``, every example of the source in
-its order, unreadable files left out), ``labels.npy`` (int64 ``[N]``, when the source has
+A prepared folder (``--format npy``) holds ``images.npy`` (uint8 ``[N, S, S, C]``, every
+example of the source in its order, unreadable files left out), ``labels.npy`` (int64 ``[N]``, when the source has
 labels) and ``manifest.json``::
 
     {"format": "ddpmkit-prepared", "version": 1, "layout": "npy", "count": N,
      "shape": [C, S, S], "levels": 256, "class_names": [...], "source": "...",
      "skipped": [...], "files": {"images.npy": {"bytes": ..., "sha256": "..."}, ...}}
+
+``--format shards`` writes ``shard-000000.tar``, ... instead (:mod:`.shard_writer`), with
+``"layout": "shards"`` and a ``count`` per shard in ``files``.
 
 ``ddpmkit train --data DIR`` recognises the manifest, checks it against the files (count,
 shape, sizes; the small labels file's SHA-256) and reads ``images.npy`` in place. The train /
@@ -38,7 +41,7 @@ _HEADER_BYTES = 128  # fixed .npy header, so the count can be written once it is
 
 
 class _Decoded(torch.utils.data.Dataset):
-    """Examples by index: (uint8 ``[H, W, C]`` or None, label, where, reason or None)."""
+    """Examples by index: (index, uint8 ``[H, W, C]`` or None, label, where, reason or None)."""
 
     def __init__(self, reader: ImageReader):
         self.reader = reader
@@ -50,21 +53,21 @@ class _Decoded(torch.utils.data.Dataset):
         r = self.reader
         try:
             img = r.read(j)
-            return img, r.label(j), r.where(j), None
+            return j, img, r.label(j), r.where(j), None
         except Exception as e:  # any decoder failure on user data means "unreadable"
-            return None, -1, r.where(j), images.reason(e)
+            return j, None, -1, r.where(j), images.reason(e)
 
 
 def prepare(src: str, out: str | Path, image_size: int = 0, channels: int = 0,
             fmt: str = "npy", workers: int = -1, progress: bool = True,
-            bad_files: str = "skip") -> dict:
+            bad_files: str = "skip", shard_size: int = 10_000) -> dict:
     """Prepare ``src`` (anything ``--data`` takes) into the folder ``out``; returns the manifest.
 
     Decoding runs in ``workers`` processes (-1: all CPUs), in order, so the output is the
-    same whatever the worker count.
+    same whatever the worker count. ``fmt``: ``"npy"`` or ``"shards"`` (:mod:`.shard_writer`).
     """
-    if fmt != "npy":
-        raise DataError(f"--format {fmt!r}: only 'npy' is written by this version")
+    if fmt not in ("npy", "shards"):
+        raise DataError(f"--format {fmt!r}: use 'npy' or 'shards'")
     out = Path(out)
     cfg = DataConfig(name=str(src), image_size=image_size, channels=channels,
                      bad_files=bad_files, workers=workers)  # checks the limits
@@ -72,49 +75,83 @@ def prepare(src: str, out: str | Path, image_size: int = 0, channels: int = 0,
     check_output(out, data=source if source is not None and source.is_dir() else None)
     refuse_link(out, "a prepared folder")
     reader, ds = open_reader(cfg)
-    c, h, w = reader.shape
     workers = (os.cpu_count() or 1) if workers < 0 else workers
-    loader = DataLoader(_Decoded(reader), batch_size=64, num_workers=workers,
-                        collate_fn=lambda items: items)
-    labels, skipped = [], list(ds.skipped)
+    skipped = list(ds.skipped)
+    if fmt == "shards":
+        from .shard_writer import ShardWriter, split_keeping_shuffle
+        writer = ShardWriter(out, shard_size, bool(ds.class_names) or reader.labels is not None)
+        order, labels = split_keeping_shuffle(len(reader)), []
+        for j, img, label in _readable(reader, order, workers, progress, bad_files, skipped):
+            writer.add(f"{j:08d}", img, label)
+            labels.append(label)
+        writer.flush()
+        if not writer.written:
+            raise DataError(f"no readable image in {src}")
+        n = sum(k for _, k in writer.written)
+        files = {name: {"count": k, **_file_entry(out / name)} for name, k in writer.written}
+        extra = {}
+        if writer.labelled and min(labels) >= 0:  # classes for streams, which see no index
+            y = np.asarray(labels)
+            test = np.arange(len(y)) % shard_size % 20 == 19  # the per-shard split rule
+            k = int(y.max()) + 1
+            extra["label_counts"] = {"train": np.bincount(y[~test], minlength=k).tolist(),
+                                     "test": np.bincount(y[test], minlength=k).tolist()}
+        return _write_manifest(out, "shards", n, reader.shape, ds, src, skipped, files, extra)
+    c, h, w = reader.shape
+    labels = []
 
     def write_images(f) -> None:
         # Fixed-size header first, rewritten once the count of readable images is known.
         f.write(b"\0" * _HEADER_BYTES)
-        n, bar = 0, _bar(len(reader), progress)
-        for items in loader:
-            for img, label, where, why in items:
-                if img is None:
-                    if bad_files == "fail":
-                        raise DataError(f"cannot read image {where}: {why} (pass --bad-files "
-                                        "skip to leave unreadable files out)")
-                    _warn(f"skipping unreadable image {where}: {why}")
-                    skipped.append(where)
-                    continue
-                f.write(np.ascontiguousarray(img).tobytes())
-                labels.append(label)
-                n += 1
-            if bar is not None:
-                bar.update(len(items))
-        if bar is not None:
-            bar.close()
-        if n == 0:
+        for _, img, label in _readable(reader, None, workers, progress, bad_files, skipped):
+            f.write(np.ascontiguousarray(img).tobytes())
+            labels.append(label)
+        if not labels:
             raise DataError(f"no readable image in {src}")
         f.seek(0)
-        f.write(_npy_header((n, h, w, c)))
+        f.write(_npy_header((len(labels), h, w, c)))
 
     # Every file goes through a fresh temporary file and a rename (outputs.py): a link
     # already at out/images.npy is replaced, never written through.
     atomic_write(out / "images.npy", write_images)
-    n = len(labels)
     files = {"images.npy": _file_entry(out / "images.npy")}
     if ds.class_names or any(v >= 0 for v in labels):
         arr = np.asarray(labels, dtype=np.int64)
         atomic_write(out / "labels.npy", lambda f: np.save(f, arr))
         files["labels.npy"] = _file_entry(out / "labels.npy")
-    manifest = {"format": FORMAT, "version": VERSION, "layout": "npy", "count": n,
+    return _write_manifest(out, "npy", len(labels), reader.shape, ds, src, skipped, files)
+
+
+def _readable(reader: ImageReader, order, workers: int, progress: bool, bad_files: str,
+              skipped: list[str]):
+    """(index, uint8 image, label) of each readable example, in ``order`` (None: 0, 1, ...);
+    unreadable ones are warned about and listed in ``skipped`` (or stop, under "fail")."""
+    loader = DataLoader(_Decoded(reader), batch_size=64, num_workers=workers,
+                        sampler=None if order is None else [int(j) for j in order],
+                        collate_fn=lambda items: items)
+    bar = _bar(len(reader), progress)
+    for items in loader:
+        for j, img, label, where, why in items:
+            if img is None:
+                if bad_files == "fail":
+                    raise DataError(f"cannot read image {where}: {why} (pass --bad-files "
+                                    "skip to leave unreadable files out)")
+                _warn(f"skipping unreadable image {where}: {why}")
+                skipped.append(where)
+                continue
+            yield j, img, label
+        if bar is not None:
+            bar.update(len(items))
+    if bar is not None:
+        bar.close()
+
+
+def _write_manifest(out: Path, layout: str, n: int, shape, ds: Dataset, src, skipped,
+                    files: dict, extra: dict | None = None) -> dict:
+    c, h, w = shape
+    manifest = {"format": FORMAT, "version": VERSION, "layout": layout, "count": n,
                 "shape": [c, h, w], "levels": 256, "class_names": list(ds.class_names),
-                "source": str(src), "skipped": skipped, "files": files}
+                "source": str(src), "skipped": skipped, "files": files, **(extra or {})}
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
 
@@ -150,6 +187,8 @@ def _file_entry(path: Path) -> dict:
 def load_prepared(folder: Path, cfg: DataConfig, split: str) -> Dataset:
     """A prepared folder's split, after checking its manifest against its files."""
     manifest = read_manifest(folder)
+    if manifest["layout"] == "shards":
+        return _load_prepared_shards(folder, manifest, cfg, split)
     af = open_array_file(folder / "images.npy")
     c, h, w = manifest["shape"]
     if af.shape != (manifest["count"], h, w, c):
@@ -170,6 +209,30 @@ def load_prepared(folder: Path, cfg: DataConfig, split: str) -> Dataset:
                    bad_files=cfg.bad_files)
 
 
+def _check_sizes(folder: Path, manifest: dict) -> None:
+    for name, entry in manifest["files"].items():
+        p = folder / name
+        if not p.is_file() or p.stat().st_size != entry["bytes"]:
+            raise DataError(f"{folder}: {name} is missing or not the {entry['bytes']} bytes "
+                            "its manifest lists; prepare the folder again")
+
+
+def _load_prepared_shards(folder: Path, manifest: dict, cfg: DataConfig, split: str) -> Dataset:
+    """Prepared shards: sizes checked against the manifest (the SHA-256s are for a full check
+    by hand: hashing every shard at each start would read the whole data set), read map-style
+    (:mod:`.shards`), the example count checked after indexing."""
+    from .shards import load_shards
+    _check_sizes(folder, manifest)
+    urls = [str(folder / name) for name in sorted(manifest["files"])]
+    ds = load_shards(cfg.name, urls, split, cfg.image_size, cfg.channels, cfg.bad_files,
+                     manifest=manifest)
+    total = len(ds.reader.split.rows) if split == "all" else None
+    if total is not None and total != manifest["count"]:
+        raise DataError(f"{folder}: the shards hold {total} examples, the manifest says "
+                        f"{manifest['count']}; prepare the folder again")
+    return ds
+
+
 def read_manifest(folder: Path) -> dict:
     path = folder / "manifest.json"
     try:
@@ -181,11 +244,15 @@ def read_manifest(folder: Path) -> dict:
     if not isinstance(m.get("version"), int) or m["version"] > VERSION:
         raise DataError(f"{path} has version {m.get('version')!r}, newer than this ddpmkit "
                         f"reads ({VERSION}); upgrade ddpmkit")
-    if m.get("layout") != "npy":
+    if m.get("layout") not in ("npy", "shards"):
         raise DataError(f"{path}: layout {m.get('layout')!r} is not one this ddpmkit reads")
     try:
         count, shape = int(m["count"]), [int(v) for v in m["shape"]]
-        m["files"]["images.npy"]
+        if m["layout"] == "npy":
+            m["files"]["images.npy"]
+        elif not m["files"] or any(not isinstance(e["bytes"], int) or "/" in k or
+                                   k.startswith(".") for k, e in m["files"].items()):
+            raise ValueError("bad shard list")
     except (KeyError, TypeError, ValueError):
         raise DataError(f"{path} lacks count, shape or files; prepare the folder again") \
             from None

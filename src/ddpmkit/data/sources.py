@@ -7,9 +7,10 @@
 
 Images sit on a grid of ``levels`` values per pixel with bin centres at
 ``-1 + 2k / (levels - 1)`` -- what the discretised Gaussian likelihood expects (17 levels for
-``digits``, 256 for 8-bit images). Splits: every 20th example (index % 20 == 19) of a folder
-or array is a test example, the rest train. Every failure caused by the input is a
-:class:`~ddpmkit.errors.DataError` naming the file or value and the problem.
+``digits``, 256 for 8-bit images). Tar shards (:mod:`.shards`) are another file source.
+Splits: every 20th example (index % 20 == 19) of a folder or array is a test example, the
+rest train. Every failure caused by the input is a :class:`~ddpmkit.errors.DataError` naming
+the file or value and the problem.
 """
 
 from __future__ import annotations
@@ -369,6 +370,9 @@ def _load(cfg: DataConfig, split: str) -> Dataset:
     if hf.claims(name):
         return hf.load(cfg, split)
     path = Path(name).expanduser()
+    from .shards import load_shard_source, looks_like_shards
+    if looks_like_shards(name) and not path.is_dir():
+        return load_shard_source(cfg, split)
     if path.is_dir():
         return _load_folder(path, cfg, split)
     if path.is_file():

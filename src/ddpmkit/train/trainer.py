@@ -447,6 +447,7 @@ class _Trainer:
         self.timesteps = TimestepSampler(self.diffusion.num_timesteps, tc.timestep_sampler,
                                          device=self.device)
         self.loader: Loader | None = None  # made at the first step, at the resumed position
+        self._stream_saved: dict | None = None  # a pipe: stream's position from the checkpoint
         self._bad_here = 0                 # this rank's unreadable images since the last count
         self._key_log = _KeyLog(self.rank)
         self.draws = ExampleDraws(tc.seed, self.device)
@@ -654,6 +655,7 @@ class _Trainer:
         """The loader's state is the stream position (images_seen) plus what defines the
         stream; checkpoints without it (older ones) used the same stream."""
         self.bad_files = _count(saved, "bad_files", self.bad_files)
+        self._stream_saved = saved.get("stream")  # checked by the loader
         order = saved.get("order", DATA_ORDER)
         if order != DATA_ORDER:
             raise CheckpointError(f"the checkpoint's data order {order!r} is unknown to this "
@@ -689,7 +691,8 @@ class _Trainer:
             self.loader = Loader(self.data, self.cfg.train.seed, self.images_seen,
                                  self.global_batch, torch.as_tensor(self.mine),
                                  self.cfg.data.workers, pin_memory=self.device.type == "cuda",
-                                 keys=self._key_log.enabled)
+                                 keys=self._key_log.enabled, rank=self.rank, world=self.world,
+                                 stream_state=self._stream_saved)
         batch = self.loader.next()
         self._bad_here += len(batch.bad)
         self._key_log.write(self.step_count + 1, batch.keys)
@@ -876,6 +879,7 @@ class _Trainer:
         step = self.step_count
         rng = {kind: dist.all_gather_equal(state)
                for kind, state in rng_state(self.device).items()}
+        stream = self._stream_position()
         path = self.out / "checkpoints" / f"step-{step:07d}"
         if dist.is_main():
             opt_tensors, opt_meta = optimizer_to_flat(self.optimizer.state_dict())
@@ -885,6 +889,8 @@ class _Trainer:
                     tensors[f"rng.{kind}.rank{r}"] = state
             data_state = {"order": DATA_ORDER, "examples": len(self.data),
                           "bad_files": self.bad_files}
+            if stream is not None:
+                data_state["stream"] = stream
             state = {"optimizer": opt_meta, "images_seen": self.images_seen, "data": data_state,
                      "skipped": self.skipped_total, "overflow": self.overflow_total,
                      "world_size": self.world, "global_batch": self.global_batch,
@@ -896,6 +902,17 @@ class _Trainer:
                                    keep=self.cfg.train.keep_checkpoints)
         dist.barrier()  # nobody reads or prunes checkpoints while rank 0 writes
         return path
+
+    def _stream_position(self) -> dict | None:
+        """A pipe: stream's position, every rank's slots (every rank calls it); None for
+        indexed data, whose position is images_seen."""
+        if self.loader is None or self.loader.stream is None:
+            return self._stream_saved
+        from ..data.stream import merge_ranks
+        mine = self.loader.stream.to_dict()
+        t = torch.tensor([[mine["origin"], mine["batches"]], *mine["cursors"]], dtype=torch.int64)
+        per_rank = [{**mine, "cursors": r[1:].tolist()} for r in dist.all_gather_equal(t)]
+        return merge_ranks(per_rank)
 
     # ---- the loop ------------------------------------------------------------------------
 
