@@ -1,8 +1,8 @@
 """``ddpmkit prepare``: decode, resize/crop and quantise a source once, into a prepared folder.
 
 A prepared folder (``--format npy``) holds ``images.npy`` (uint8 ``[N, S, S, C]``, every
-example of the source in its order, unreadable files left out), ``labels.npy`` (int64 ``[N]``, when the source has
-labels) and ``manifest.json``::
+example of the source in its order, unreadable files left out), ``labels.npy`` (int64
+``[N]``, when the source has labels) and ``manifest.json``::
 
     {"format": "ddpmkit-prepared", "version": 1, "layout": "npy", "count": N,
      "shape": [C, S, S], "levels": 256, "class_names": [...], "source": "...",
