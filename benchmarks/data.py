@@ -1,6 +1,8 @@
 """Throughput of the input pipeline alone: read, decode, flip, to float, batches of 128.
 
 Sources (made in a temporary folder, nothing downloaded):
+  shards  the same N images as prepared tar shards (`ddpmkit prepare --format shards`:
+          .npy members, 10,000 per shard), read map-style (one pread per image)
   npy     N 32x32 RGB uint8 images in one .npy, read in place (pread per image)
   jpeg    M 256x256 RGB JPEGs in a folder, decoded per image (no resize)
 each with 0, 1 and 2 DataLoader workers, next to PIL's raw decode rate of the same JPEGs
@@ -8,13 +10,20 @@ in this process (the ceiling for the folder) and the training rate of the CIFAR-
 (docs/speed.md). Prints images/s; not a test. On a shared machine the figures move a lot
 from run to run: compare rows of one run.
 
+`--readers` compares shard readers instead, on 32x32 PNG shards in one process: the
+`webdataset` package (if installed: `pip install webdataset`), a plain `tarfile` stream
+reader, and ddpmkit's own (its stream reader for pipe: shards, its index + pread reader for
+local ones). This is the measurement behind ddpmkit reading shards itself (data/shards.py).
+
     python benchmarks/data.py --seconds 5
+    python benchmarks/data.py --readers
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +55,82 @@ def make_jpegs(folder: Path, n: int) -> Path:
         Image.fromarray(small).resize((256, 256), Image.Resampling.BICUBIC).save(
             root / f"{i:05d}.jpg", quality=90)
     return root
+
+
+def make_shards(folder: Path, npy: Path) -> Path:
+    from ddpmkit.data.prepare import prepare
+    out = folder / "shards"
+    prepare(str(npy), out, fmt="shards", shard_size=10_000, workers=0, progress=False)
+    return out
+
+
+def make_png_shards(folder: Path, n: int, per: int = 2_500) -> list[str]:
+    """32x32 RGB PNG members (smooth pictures) with .cls labels, ``per`` to a shard."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for s in range(0, n, per):
+        path = folder / f"png-{s // per:04d}.tar"
+        with tarfile.open(path, "w") as tf:
+            for i in range(s, min(n, s + per)):
+                small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(small).resize((32, 32), Image.Resampling.BICUBIC).save(buf, "PNG")
+                for name, data in ((f"{i:06d}.png", buf.getvalue()),
+                                   (f"{i:06d}.cls", str(i % 10).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        paths.append(str(path))
+    return paths
+
+
+def _timed(items) -> float:
+    n, t0 = 0, time.perf_counter()
+    for _ in items:
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def reader_rates(paths: list[str]) -> dict[str, float]:
+    """Images/s decoding every PNG shard once (uint8 HWC + label), one process each."""
+    from ddpmkit.data.shards import decode_member
+    from ddpmkit.data.sources import open_reader
+    from ddpmkit.data.stream import shard_examples
+
+    def plain_tarfile():
+        for p in paths:
+            with tarfile.open(p, "r|") as tf:
+                for m in tf:
+                    data = tf.extractfile(m).read()
+                    if m.name.endswith(".png"):
+                        with Image.open(io.BytesIO(data), formats=("PNG",)) as img:
+                            yield np.asarray(img.convert("RGB"))
+                    else:
+                        int(data)
+
+    def own_stream():
+        for p in paths:
+            for ex in shard_examples(p, "all"):
+                yield decode_member(ex.data, ex.ext, 0, 3), ex.label
+
+    # indexing (a header scan) and the size probe are once per run, not per epoch: untimed
+    r, _ = open_reader(DataConfig(name=str(Path(paths[0]).parent / "png-*.tar")))
+
+    def own_index():
+        for j in range(len(r)):
+            yield r.read(j), r.label(j)
+
+    rates = {}
+    try:
+        import webdataset as wds
+        ds = wds.WebDataset(paths, shardshuffle=False, empty_check=False)
+        rates["webdataset (decode rgb8)"] = _timed(ds.decode("rgb8").to_tuple("png", "cls"))
+    except ImportError:
+        print("webdataset is not installed: its row is left out")
+    rates["tarfile stream + PIL"] = _timed(plain_tarfile())
+    rates["ddpmkit stream (pipe:)"] = _timed(own_stream())
+    rates["ddpmkit index + pread"] = _timed(own_index())
+    return rates
 
 
 def pipeline_rate(data, workers: int, seconds: float) -> float:
@@ -82,12 +167,23 @@ def main() -> None:
     p.add_argument("--npy-images", type=int, default=50_000)
     p.add_argument("--jpeg-images", type=int, default=600)
     p.add_argument("--workers", default="0,1,2")
+    p.add_argument("--readers", action="store_true",
+                   help="compare shard readers (webdataset, tarfile, ddpmkit) instead")
+    p.add_argument("--png-images", type=int, default=10_000, help="images for --readers")
     args = p.parse_args()
     torch.set_num_threads(1)
     workers = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        sources = {"npy 32x32": make_npy(tmp, args.npy_images),
+        if args.readers:
+            paths = make_png_shards(tmp, args.png_images)
+            print(f"{args.png_images} 32x32 RGB PNG members in {len(paths)} shards, read once")
+            for _ in range(2):  # twice: the second round has a warm page cache for all
+                for name, rate in reader_rates(paths).items():
+                    print(f"{name:26s} {rate:10,.0f} images/s")
+            return
+        npy = make_npy(tmp, args.npy_images)
+        sources = {"shards 32x32 (prepared)": make_shards(tmp, npy), "npy 32x32": npy,
                    "jpeg folder 256x256": make_jpegs(tmp, args.jpeg_images)}
         print(f"batch {BATCH}, {args.seconds:g} s per row, torch threads 1 in the trainer")
         for name, path in sources.items():

@@ -1,5 +1,5 @@
 """A fuzzing sweep of the command line (issue 10): every command's flags, config files
-(TOML/JSON), data files (.npy/.npz/images) and checkpoint files (config.json, safetensors
+(TOML/JSON), data files (.npy/.npz/images/tar shards, local and ``pipe:cat``) and checkpoint files (config.json, safetensors
 headers, trainer state), each asserting: exit status 0 or 2, no traceback on stderr, nothing
 outside ``--out`` changed.
 
@@ -15,6 +15,7 @@ import io
 import json
 import shutil
 import struct
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -219,10 +220,33 @@ def _png_bytes(arr: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def _tar_bytes(n: int, draw) -> bytes:
+    """A shard of ``n`` examples: 8x8 PNG (or .npy) members, .cls labels, a .json."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for i in range(n):
+            img = np.full((8, 8), i * 9, np.uint8)
+            ext = draw(st.sampled_from(["png", "npy", "jpg", "txt"]))
+            if ext == "npy":
+                b = io.BytesIO()
+                np.save(b, img)
+                data = b.getvalue()
+            else:
+                data = _png_bytes(img, "PNG" if ext != "jpg" else "JPEG")
+            members = [(f"{i:03d}.{ext}", data), (f"{i:03d}.cls", draw(
+                st.sampled_from([b"1", b"0\n", b"-1", b"x", b"99999999999"]))),
+                (f"{i:03d}.json", b"{}")]
+            for name, d in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(d)
+                tf.addfile(info, io.BytesIO(d))
+    return buf.getvalue()
+
+
 @st.composite
 def _data_file(draw):
     """(name, bytes) of an array file or an image folder's files, possibly damaged."""
-    kind = draw(st.sampled_from(["npy", "npz", "images"]))
+    kind = draw(st.sampled_from(["npy", "npz", "images", "shards", "pipe"]))
     n = draw(st.integers(0, 24))
     shape = draw(st.sampled_from([(n, 8, 8), (n, 8, 8, 3), (n, 1, 8, 8), (n, 8, 4), (n,),
                                   (n, 8, 8, 2)]))
@@ -237,17 +261,21 @@ def _data_file(draw):
         buf = io.BytesIO()
         np.savez(buf, **{draw(st.sampled_from(["arr_0", "x", "y"])): arr})
         files = {"d.npz": buf.getvalue()}
+    elif kind in ("shards", "pipe"):
+        files = {"d.tar": _tar_bytes(n, draw)}
     else:
         fmts = draw(st.lists(st.sampled_from(["PNG", "JPEG", "WEBP", "BMP", "GIF"]),
                              min_size=1, max_size=4))
         files = {f"imgs/{i:02d}.{fmts[i % len(fmts)].lower()}":
                  _png_bytes(np.full((8, 8), i * 9, np.uint8), fmts[i % len(fmts)])
                  for i in range(n)}
-    damage = draw(st.sampled_from(["none", "truncate", "flip", "junk"]))
+    damage = draw(st.sampled_from(["none", "truncate", "flip", "junk", "header"]))
     if damage != "none" and files:
         name = draw(st.sampled_from(sorted(files)))
         b = bytearray(files[name])
-        if damage == "truncate":
+        if damage == "header" and len(b) >= 1024:  # a byte of a tar header (or a member)
+            b[512 * draw(st.integers(0, len(b) // 512 - 1)) + draw(st.integers(0, 511))] ^= 0x5A
+        elif damage == "truncate":
             b = b[:draw(st.integers(0, max(0, len(b) - 1)))]
         elif damage == "flip" and b:
             i = draw(st.integers(0, len(b) - 1))
@@ -269,8 +297,11 @@ def test_fuzzed_data_files(n):
             (root / "imgs").mkdir()
             for name, b in files.items():
                 (root / name).write_bytes(b)
-            target = root / ("imgs" if kind == "images" else f"d.{kind}")
-            run_cli(["train", "--config", "digits", "--data", str(target), "--bad-files", bad,
+            target = str(root / {"images": "imgs", "shards": "d.tar", "pipe": "d.tar"}.get(
+                kind, f"d.{kind}"))
+            if kind == "pipe":
+                target = f"pipe:cat {target}"
+            run_cli(["train", "--config", "digits", "--data", target, "--bad-files", bad,
                      "--out", str(root / "run"), *STEP_FLAGS, "--batch-size", "2", *LAST],
                     [root], "run")
     check()

@@ -159,19 +159,32 @@ def decode_member(data: bytes, ext: str, size: int, channels: int) -> np.ndarray
     return img
 
 
+_NPY_HEADERS: dict[bytes, tuple[int, ...]] = {}  # header bytes -> shape, once checked
+
+
 def npy_member(data: bytes) -> np.ndarray:
-    """A ``.npy`` member's uint8 ``[H, W]`` or ``[H, W, C]`` (C = 1 or 3); never unpickles."""
-    import io
-    f = io.BytesIO(data)
-    version = np.lib.format.read_magic(f)
-    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-            else np.lib.format.read_array_header_2_0)
-    shape, fortran, dtype = read(f)
-    if dtype != np.uint8 or fortran or len(shape) not in (2, 3) \
-            or (len(shape) == 3 and shape[2] not in (1, 3)) or 0 in shape:
-        raise ValueError(f".npy member holds {dtype} {shape}; expected uint8 [H, W] or "
-                         "[H, W, C] with C = 1 or 3")
-    body = data[f.tell():]
+    """A ``.npy`` member's uint8 ``[H, W]`` or ``[H, W, C]`` (C = 1 or 3); never unpickles.
+
+    Every member of a prepared set has the same header, so a header seen before is looked up
+    (a dict hit) instead of parsed again (parsing is ~40x slower than the copy itself).
+    """
+    end = 10 + int.from_bytes(data[8:10], "little") if data[6:7] == b"\x01" else 0
+    shape = _NPY_HEADERS.get(data[:end]) if end else None
+    if shape is None:
+        import io
+        f = io.BytesIO(data)
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(f)
+        if dtype != np.uint8 or fortran or len(shape) not in (2, 3) \
+                or (len(shape) == 3 and shape[2] not in (1, 3)) or 0 in shape:
+            raise ValueError(f".npy member holds {dtype} {shape}; expected uint8 [H, W] or "
+                             "[H, W, C] with C = 1 or 3")
+        end = f.tell()
+        if len(_NPY_HEADERS) < 64 and version == (1, 0):
+            _NPY_HEADERS[data[:end]] = shape
+    body = memoryview(data)[end:]
     if len(body) != int(np.prod(shape)):
         raise ValueError(f".npy member holds {len(body)} bytes of pixels, its header says "
                          f"{int(np.prod(shape))} (truncated?)")
