@@ -87,6 +87,7 @@ def test_local_shards_carry_labels_and_the_per_shard_split(tmp_path):
     assert train.shape == (1, 8, 8) and len(train) == 48 and len(test) == 2
     assert sorted(_values_of(test)) == [19, 44]  # example 19 of each 25-example shard
     assert torch.equal(train.labels, torch.tensor([v % 3 for v in range(50) if v not in (19, 44)]))
+    assert train._x is None  # the labels came from the index: no image was decoded for them
     loader = Loader(train, 0, 0, 8, rank_rows(0, 1, 8, 1), workers=1, keys=True)
     for _ in range(3):
         b = loader.next()

@@ -226,10 +226,15 @@ class Dataset:
 
     @property
     def labels(self) -> torch.Tensor | None:
-        """int64 ``[N]`` class of each example (of :attr:`x`'s rows), or None."""
-        if self.reader is None or self.reader.labels is None:
+        """int64 ``[N]`` class of each example, or None: of :attr:`x`'s rows once decoded
+        (decoding drops unreadable files), else of the reader's rows, read from the index
+        without decoding an image (a class-conditional run needs only these: its batches
+        carry their own labels)."""
+        if self.reader is None or self.reader.labels is None or self._x is not None:
             return self._labels
-        self.x  # noqa: B018 - decoding decides which rows survive
+        if self._labels is None:
+            r = self.reader
+            self._labels = torch.tensor([r.label(j) for j in range(len(r))], dtype=torch.int64)
         return self._labels
 
     @property
