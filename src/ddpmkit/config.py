@@ -98,7 +98,8 @@ def _seed(name: str, value: int) -> None:
 class DataConfig:
     name: str = field(default="digits", metadata=_help(
         "data set: digits | moons | swissroll | 8gaussians | checkerboard | circles, "
-        "or a path to an image folder, a .npy/.npz array, a prepared folder, a Hugging Face "
+        "or a path to an image folder, a .npy/.npz array, a prepared folder, tar shards "
+        "('train-{000..099}.tar', a glob, a .txt list, 'pipe:CMD'), a Hugging Face "
         "datasets folder (save_to_disk) or parquet files (pip install 'ddpmkit[hf]')",
         flag="data"))
     image_size: int = field(default=0, metadata=_help(
