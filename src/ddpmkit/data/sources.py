@@ -254,6 +254,9 @@ class Dataset:
 
     def _decode_all(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         reader, n = self.reader, len(self.reader)
+        if getattr(getattr(reader, "base", reader), "streaming", False):
+            raise DataError(f"{self.name} is a stream (pipe: shards): it is read in order "
+                            "while training only; for eval, fid or show use local shards")
         if isinstance(reader, ArrayReader):
             u8 = reader.read_many(np.arange(n))
             keep = list(range(n))

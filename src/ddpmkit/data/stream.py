@@ -30,7 +30,10 @@ slots: nothing is skipped, and the shards between ``g0`` and the furthest any sl
 Labels arrive with each batch (``.cls``). The data set's size and classes come from a
 ``manifest.json`` beside a shard list (``prepare --format shards`` writes it; copy it with
 the list); without one the size is estimated from the first shard, and a class-conditional
-run cannot tell its class count (a one-line error says so).
+run cannot tell its class count (a one-line error says so). Only the first shard is probed
+before training (sizes, colour: an empty or mixed-size first shard is an error before any
+network is built); an image of another size met later is a bad example (skipped and
+counted, or the error under ``bad_files="fail"``).
 """
 
 from __future__ import annotations

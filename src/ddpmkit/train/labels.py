@@ -42,6 +42,7 @@ def require_labels(cfg: DataConfig, split: str, data) -> torch.Tensor:
     labels = class_labels(cfg, split, data)
     if labels is None:
         raise ConfigError(f"a class-conditional model needs labels, and data {cfg.name!r} has "
-                          "none (digits have them; class subfolders, an .npz 'labels' array or "
-                          "NAME.labels.npy give them)")
+                          "none (digits have them; class subfolders, an .npz 'labels' array, "
+                          "NAME.labels.npy or .cls shard members give them; a pipe: stream "
+                          "needs the prepared manifest.json beside its list file)")
     return labels
