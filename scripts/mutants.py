@@ -65,6 +65,7 @@ NN = "tests/test_unet_reference.py tests/test_nn.py"
 COND = "tests/test_conditioning.py tests/test_cli_edit.py"
 TRAIN = "tests/test_train.py"
 DATA = "tests/test_data.py"
+SHARDS = "tests/test_shards.py"
 INTEROP = "tests/test_interop.py"
 
 MUTANTS: list[Mutant] = [
@@ -407,6 +408,27 @@ MUTANTS: list[Mutant] = [
       "x = torch.from_numpy(images_ / 8.0 - 1.0).to(torch.float32)[:, None]",
       "x = torch.from_numpy(images_ / 16.0 - 1.0).to(torch.float32)[:, None]", DATA,
       "digits mapped to [-1, 0] instead of [-1, 1]"),
+    # ---- tar shards (issue 11) ----
+    M("stream-slot-reads-every-shard", "data/stream.py",
+      "        g += slots\n", "        g += 1\n", SHARDS,
+      "every pipe: slot reads every shard: examples doubled across ranks and workers"),
+    M("stream-resume-wrong-worker-turn", "data/stream.py",
+      "slot = self.rank * workers + (self.state.batches + w) % workers",
+      "slot = self.rank * workers + w % workers", SHARDS,
+      "a resumed stream starts with worker 0's slot, not the one whose turn it was"),
+    M("shard-split-wrong-ordinal", "data/shards.py",
+      "test = (ordinal % _TEST_EVERY) == _TEST_EVERY - 1",
+      "test = (ordinal % _TEST_EVERY) == 0", SHARDS,
+      "local shards' test split is example 0, 20, ... of a shard, not 19, 39, ..."),
+    M("stream-split-wrong-ordinal", "data/shards.py",
+      "return k % _TEST_EVERY == _TEST_EVERY - 1", "return k % _TEST_EVERY == 0", SHARDS,
+      "pipe: shards' test split is example 0, 20, ... of a shard, not 19, 39, ..."),
+    M("shard-writer-split-lost", "data/shard_writer.py",
+      "test = pos % 20 == 19", "test = pos % 20 == 0", SHARDS,
+      "prepared shards put other examples at the test positions than the source's split"),
+    M("shard-cls-ignored", "data/shards.py",
+      "label = parse_cls(os.pread(raw.fileno(), min(size, 64), off))",
+      "label = parse_cls(b'0')", SHARDS, "local shards' .cls labels are all read as class 0"),
     # ---- conditioning and editing (issue 13) ----
     M("guidance-from-cond", "sampling.py",
       "return uncond + S * (cond - uncond)",

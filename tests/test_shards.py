@@ -197,8 +197,15 @@ def test_stream_labels_from_cls_and_class_count_from_a_manifest(tmp_path, capsys
     (out / "list.txt").write_text("".join(f"pipe:cat {out}/{name}\n" for name in m["files"]))
     data = load_data(DataConfig(name=str(out / "list.txt")))
     assert len(data) == 38 and int(data.labels.max()) == 2
-    b = Loader(data, 0, 0, 8, rank_rows(0, 1, 8, 1), workers=0).next()
-    assert b.y.tolist() == [v % 3 for v in _values(b)]
+    loader = Loader(data, 0, 0, 2, rank_rows(0, 1, 2, 1), workers=0)
+    epoch = []
+    for _ in range(19):  # one slot: the epoch's 2 shards of 19 training examples each
+        b = loader.next()
+        assert b.y.tolist() == [v % 3 for v in _values(b)]
+        epoch += _values(b)
+    loader.close()
+    # the split-keeping shuffle put source examples 19 and 39 at test positions
+    assert sorted(epoch) == [v for v in range(40) if v not in (19, 39)]
     run = tmp_path / "run"
     assert main(["train", "--config", "digits", "--data", str(out / "list.txt"), "--out",
                  str(run), "--max-steps", "2", "--max-minutes", "0", *TINY_FLAGS,

@@ -1,11 +1,14 @@
-"""Training data: built-in sets, image folders, ``.npy``/``.npz`` arrays and prepared folders.
+"""Training data: built-in sets, image folders, ``.npy``/``.npz`` arrays, tar shards and
+prepared folders.
 
 Layout: :mod:`.sources` opens what ``--data`` names as a :class:`Dataset` (small built-in sets
 in memory; files through a reader that gives one uint8 image at a time), :mod:`.arrays`
 memory-maps arrays (converting others to a uint8 cache once), :mod:`.images` decodes image
 files, :mod:`.hf` reads Hugging Face ``datasets`` folders and parquet (with pyarrow, an optional
-extra), :mod:`.fingerprint` names the data a run was trained on, :mod:`.points` draws the 2-D
-sets, :mod:`.prepare` writes prepared folders, and :mod:`.loader` turns a Dataset into this
+extra), :mod:`.shards` names and indexes tar shards (read like a folder), :mod:`.stream` reads
+``pipe:`` shards as streams split across ranks and workers, :mod:`.fingerprint` names the
+data a run was trained on, :mod:`.points` draws the 2-D sets, :mod:`.prepare` (with
+:mod:`.shard_writer`) writes prepared folders, and :mod:`.loader` turns a Dataset into this
 rank's batches of an endless, resumable shuffled stream.
 """
 

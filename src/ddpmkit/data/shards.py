@@ -247,27 +247,29 @@ def _scan(path: str) -> tuple[list, list[tuple[str, str]]]:
         return [], [(path, f"cannot open shard: {images.reason(e)}")]
     with tf, open(path, "rb") as raw:
         groups: dict = {}
-        last = None
+        last, broken = None, False
         try:
             for m in tf:
                 if not m.isfile():
                     continue
                 key, ext = split_key(m.name)
-                if m.offset_data + m.size > end:
+                if m.offset_data + m.size > end:  # the file ends inside this member
                     problems.append((f"{path}:{key}", f"member {m.name} is cut off by the end "
                                      "of the shard (truncated)"))
-                    continue
+                    broken = True
+                    break
                 if key != last:
                     _flush(groups, rows, problems, path, raw)
                     groups, last = {}, key
                 groups[ext] = (m.offset_data, m.size, m.name)
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             problems.append((path, f"unreadable after byte {tf.offset}: {images.reason(e)}"))
+            broken = True
         _flush(groups, rows, problems, path, raw)
         stop = tf.offset
         raw.seek(stop)
         rest = raw.read(1 << 16)
-        if rest.strip(b"\0") and not any(p[0] == path for p in problems):
+        if rest.strip(b"\0") and not broken:
             problems.append((path, f"garbled tar header at byte {stop} (after key {last!r}); "
                              "the members after it are left out"))
     return rows, problems
