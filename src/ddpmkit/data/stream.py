@@ -79,12 +79,19 @@ def _open(url: str):
     return proc.stdout, proc, err
 
 
-def _finish(proc, err) -> str | None:
-    """Close a pipe: the command's failure as a phrase, or None."""
+def _finish(proc, err, complete: bool) -> str | None:
+    """Close a pipe: the command's failure as a phrase, or None. A shard left part-way (a
+    problem, or the loader closing) stops its command rather than wait for it."""
     if proc is None:
         return None
     proc.stdout.close()
-    rc = proc.wait()
+    try:  # a command that failed has exited: its status says why better than the tar
+        rc = proc.wait(timeout=None if complete else 2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        err.close()
+        return None
     err.seek(0)
     tail = err.read()[-300:].decode("utf-8", "replace").strip().splitlines()
     err.close()
@@ -113,7 +120,7 @@ def shard_examples(url: str, split: str):
     except OSError as e:
         yield Example(url, problem=f"cannot open shard: {images.reason(e)}")
         return
-    k, group, last = 0, {}, None
+    k, group, last, complete = 0, {}, None, False
     try:
         with tarfile.open(fileobj=f, mode="r|", tarinfo=CheckedInfo) as tf:
             for m in tf:
@@ -131,16 +138,19 @@ def shard_examples(url: str, split: str):
                 if len(data) != m.size:
                     raise tarfile.ReadError(f"member {m.name} is cut off (truncated)")
                 group[ext] = data
+        complete = True
         if group:
             ex, k = _example(last, group, k, split)
             if ex is not None:
                 yield ex
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        yield Example(where, problem=f"unreadable tar data: {images.reason(e)}")
+        problem = Example(where, problem=f"unreadable tar data: {images.reason(e)}")
+    else:
+        problem = None
     finally:
-        failed = _finish(proc, err)
-    if failed:
-        yield Example(url, problem=failed)
+        failed = _finish(proc, err, complete)
+    if failed or problem:
+        yield Example(url, problem=failed) if failed else problem
 
 
 def _example(key: str, group: dict, k: int, split: str) -> tuple[Example | None, int]:
