@@ -76,6 +76,12 @@ def test_shard_names_braces_globs_lists_and_pipes(tmp_path):
         assert not looks_like_shards(name)
     with pytest.raises(DataError, match="no shard matches"):
         shard_urls(str(tmp_path / "none-*.tar"))
+    # the fingerprint a run saves (and checks at resume): same shards, same print
+    from ddpmkit.data import fingerprint
+    fp = fingerprint(str(tmp_path / "s" / "train-{000..002}.tar"))
+    assert fp.startswith("shards=3 ") and fp == fingerprint(str(tmp_path / "s" / "*.tar"))
+    write_shard(paths[2], [("v999.png", _png(1))])
+    assert fingerprint(str(tmp_path / "s" / "*.tar")) != fp
 
 
 # ---- local shards: labels, split, order ---------------------------------------------------------

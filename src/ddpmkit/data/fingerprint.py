@@ -42,8 +42,10 @@ def fingerprint(name: str) -> str:
     from . import hf  # looks at names only
 
     path = data_path(name)
-    if path is None or not (path.exists() or hf.claims(name)):
+    if path is None:
         return ""
+    if not (path.exists() or hf.claims(name)):
+        return _shards_fingerprint(str(path))
     h = hashlib.sha256()
     try:
         if hf.claims(name) or (path.is_dir() and not list_images(path) and hf.parquet_in(path)):
@@ -82,3 +84,23 @@ def _evenly_spaced(n: int) -> list[int]:
     if k <= 1:
         return list(range(k))
     return sorted({round(j * (n - 1) / (k - 1)) for j in range(k)})
+
+
+def _shards_fingerprint(spec: str) -> str:
+    """``"shards=N sha256=H"`` for a brace pattern or glob of local shards: H over each
+    shard's path and size, and the first 64 KiB of up to 32 evenly spaced shards ("" for
+    anything else)."""
+    from .shards import looks_like_shards, shard_urls
+    if not looks_like_shards(spec):
+        return ""
+    try:
+        urls = shard_urls(spec)
+        h = hashlib.sha256()
+        for u in urls:
+            h.update(f"{u}\0{os.stat(u).st_size}\0".encode())
+        for i in _evenly_spaced(len(urls)):
+            with open(urls[i], "rb") as f:
+                h.update(f.read(_FINGERPRINT_CHUNK))
+    except (OSError, DataError):
+        return ""  # missing shards are reported (and skipped or refused) by the loader
+    return f"shards={len(urls)} sha256={h.hexdigest()[:16]}"
