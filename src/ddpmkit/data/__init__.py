@@ -1,5 +1,5 @@
-"""Training data: built-in sets, image folders, ``.npy``/``.npz`` arrays, tar shards and
-prepared folders.
+"""Training data: built-in sets, image folders, ``.npy``/``.npz`` arrays, tar shards, Hugging
+Face datasets and prepared folders.
 
 Layout: :mod:`.sources` opens what ``--data`` names as a :class:`Dataset` (small built-in sets
 in memory; files through a reader that gives one uint8 image at a time), :mod:`.arrays`
