@@ -2,9 +2,11 @@
 
 Each example becomes ``KEY.npy`` (uint8 ``[S, S, C]``, decoded once) and ``KEY.cls`` (its
 class, when the source has labels); ``KEY`` is the example's index in the source
-(``00000042``). ``.npy`` members, not PNG: reading one is a header compare and a copy (~450,000
-per second for 32x32 RGB here) where a PNG decode runs at ~6,000 (``benchmarks/data.py``),
-for 1.3x the bytes.
+(``00000042``). ``.npy`` members, not PNG: reading one is a header compare and a copy, where
+a PNG is inflated and unfiltered. Timed ad hoc in one process on the shared 2-core machine
+(2026-12-03) for one 32x32 RGB image: ~450,000 reads/s for the ``.npy`` bytes against
+~6,300 PIL decodes/s for the PNG, for 1.3x the bytes (3,200 vs 2,403). The full pipeline's
+rate is in ``benchmarks/data.py``.
 
 **Order.** A shard written in source order holds one class after another (class subfolders
 are sorted), and a stream (``pipe:``) reads a shard front to back. So examples are written in
