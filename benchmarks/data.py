@@ -7,7 +7,8 @@ Sources (made in a temporary folder, nothing downloaded):
   jpeg    M 256x256 RGB JPEGs in a folder, decoded per image (no resize)
 each with 0, 1 and 2 DataLoader workers, next to PIL's raw decode rate of the same JPEGs
 in this process (the ceiling for the folder) and the training rate of the CIFAR-10 network
-(docs/speed.md). Prints images/s; not a test. On a shared machine the figures move a lot
+(measured here: a few steps at batch 16; docs/speed.md has the careful figure), and the rate
+an 8-accelerator node would ask of the input pipeline. Prints images/s; not a test. On a shared machine the figures move a lot
 from run to run: compare rows of one run.
 
 `--readers` compares shard readers instead, on 32x32 PNG shards in one process: the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import tarfile
 import tempfile
 import time
@@ -149,6 +151,38 @@ def pipeline_rate(data, workers: int, seconds: float) -> float:
     return rate
 
 
+# Ho et al. 2020 (DDPM), Appendix B: the CIFAR-10 model trained at 21 steps/s at batch 128 on a
+# TPU v3-8 (8 cores). That is the one published per-device training rate for this network;
+# it is what "an 8-accelerator node" means below (about 336 images/s per core).
+PAPER_STEPS_PER_S, PAPER_BATCH, PAPER_DEVICES = 21, 128, 8
+
+
+def cifar_train_rate(steps: int, batch: int = 16) -> float:
+    """Images/s of the CIFAR-10 U-Net's training step (loss, backward, AdamW) in this process,
+    after one warm-up step; the data is fixed (this is the network's side of the comparison)."""
+    from ddpmkit import GaussianDiffusion, make_betas
+    from ddpmkit.nn import build_unet
+    from ddpmkit.train.trainer import make_optimizer
+
+    torch.manual_seed(0)
+    model = build_unet("cifar10")
+    diffusion = GaussianDiffusion(make_betas("linear", 1000))
+    opt = make_optimizer(model, 2e-4)
+    x0 = torch.rand(batch, 3, 32, 32) * 2 - 1
+
+    def step():
+        t = torch.randint(0, 1000, (batch,))
+        diffusion.training_losses(model, x0, t)["loss"].mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - t0)
+
+
 def pil_decode_rate(folder: Path, seconds: float) -> float:
     files = sorted(folder.glob("*.jpg"))
     blobs = [f.read_bytes() for f in files]
@@ -170,6 +204,10 @@ def main() -> None:
     p.add_argument("--readers", action="store_true",
                    help="compare shard readers (webdataset, tarfile, ddpmkit) instead")
     p.add_argument("--png-images", type=int, default=10_000, help="images for --readers")
+    p.add_argument("--cifar-steps", type=int, default=3,
+                   help="timed training steps of the CIFAR-10 network (0: skip)")
+    p.add_argument("--cifar-threads", type=int, default=0,
+                   help="torch threads for the network's steps (0: all cores)")
     args = p.parse_args()
     torch.set_num_threads(1)
     workers = [int(w) for w in args.workers.split(",")]
@@ -193,6 +231,15 @@ def main() -> None:
                 print(f"{name:22s} workers {w}: {rate:10,.0f} images/s")
         pil = pil_decode_rate(sources["jpeg folder 256x256"], args.seconds)
         print(f"{'PIL raw JPEG decode':22s} 1 process: {pil:10,.0f} images/s")
+    if args.cifar_steps:
+        torch.set_num_threads(args.cifar_threads or os.cpu_count() or 1)
+        rate = cifar_train_rate(args.cifar_steps)
+        print(f"{'CIFAR-10 net training':22s} {torch.get_num_threads()} threads: "
+              f"{rate:10,.2f} images/s (batch 16)")
+    node = PAPER_STEPS_PER_S * PAPER_BATCH
+    print(f"an 8-accelerator node needs {node:,} images/s ({PAPER_STEPS_PER_S} steps/s x batch "
+          f"{PAPER_BATCH} on {PAPER_DEVICES} TPU v3 cores, DDPM paper appendix B; "
+          f"{node / PAPER_DEVICES:,.0f} per device)")
 
 
 if __name__ == "__main__":
