@@ -483,16 +483,24 @@ def plot_points(
     path: PathLike,
     data: ImageBatch | None = None,
     title: str | None = None,
+    labels: ImageBatch | None = None,
 ) -> Path:
     """Scatter plot of 2-D ``samples`` ``[N, 2]`` over optional faint ``data`` ``[M, 2]``.
 
-    Equal aspect; non-finite samples are dropped and counted in the title.
+    Equal aspect; non-finite samples are dropped and counted in the title. ``labels`` [N]
+    (class of each sample, e.g. from ``sample --class all``) colour the points by class.
     """
     pts = _points(samples, "samples")
     ref = None if data is None else _points(data, "data")
     finite = np.isfinite(pts).all(axis=1)
     dropped = int((~finite).sum())
     pts = pts[finite]
+    colour = "tab:blue"
+    if labels is not None:
+        classes = np.asarray(labels).reshape(-1)
+        if classes.shape[0] != finite.shape[0]:
+            raise DataError(f"got {classes.shape[0]} labels for {finite.shape[0]} points")
+        colour = [f"C{int(k) % 10}" for k in classes[finite]]
 
     fig = _new_figure((5.5, 5.5))
     ax = fig.subplots()
@@ -500,7 +508,7 @@ def plot_points(
     if ref is not None:
         ref = ref[np.isfinite(ref).all(axis=1)]
         ax.scatter(ref[:, 0], ref[:, 1], s=size, c="0.6", alpha=0.25, linewidths=0, label="data")
-    ax.scatter(pts[:, 0], pts[:, 1], s=size, c="tab:blue", alpha=0.7, linewidths=0,
+    ax.scatter(pts[:, 0], pts[:, 1], s=size, c=colour, alpha=0.7, linewidths=0,
                label="samples")
     ax.set_aspect("equal", adjustable="datalim")
     ax.grid(True, alpha=0.3)

@@ -15,12 +15,13 @@ rank's batches of an endless, resumable shuffled stream.
 from .fingerprint import data_path, fingerprint
 from .images import IMAGE_EXTENSIONS, to_uint8, u8_to_float
 from .loader import Batch, DataOrder, Loader, random_flip, rank_rows
-from .points import sample_points
+from .points import POINT_CLASS_NAMES, sample_labelled_points, sample_points
 from .sources import BUILTIN_SETS, Dataset, DataWarning, load_data
 
 __all__ = [
     "BUILTIN_SETS",
     "IMAGE_EXTENSIONS",
+    "POINT_CLASS_NAMES",
     "Batch",
     "DataOrder",
     "DataWarning",
@@ -31,6 +32,7 @@ __all__ = [
     "load_data",
     "random_flip",
     "rank_rows",
+    "sample_labelled_points",
     "sample_points",
     "to_uint8",
     "u8_to_float",

@@ -31,7 +31,7 @@ from . import images
 from .arrays import ArrayFile, open_array_file
 from .digits import digits_arrays
 from .images import u8_to_float
-from .points import sample_points
+from .points import POINT_CLASS_NAMES, sample_labelled_points
 
 BUILTIN_SETS: tuple[str, ...] = ("digits", *POINT_SETS)
 
@@ -368,7 +368,9 @@ def _load(cfg: DataConfig, split: str) -> Dataset:
         # Different seeds, so the test points are fresh draws, not a subset of train.
         n, seed = (cfg.num_points, 0) if split == "train" else (_TEST_POINTS, 1)
         gen = torch.Generator().manual_seed(seed)
-        return Dataset(name, sample_points(name, n, gen), None, "points", [])
+        x, labels = sample_labelled_points(name, n, gen)
+        return Dataset(name, x, None, "points", [], labels=labels,
+                       class_names=POINT_CLASS_NAMES.get(name, ()))
     if name == "digits":
         return _load_digits(cfg, split)
     if not name.strip():  # Path("") is the current folder: never load that by accident
