@@ -1,42 +1,49 @@
 """Classifier-free guidance on digits, and inpainting (issue "Conditioning and editing").
 
-Guidance: for each scale S, ``--per-class`` samples of every class with ``--class K``
-(seeds fixed, the same for every S), scored by ddpmkit's digit classifier (metrics.py): the
-share read as the asked class, the Frechet distance of all samples to the 297 test digits,
-and the sampling wall time. Rows for the null class (unconditional samples) and for as many
-real training digits (the FD floor) come first.
+Guidance: for each scale S (and each guidance interval of ``--intervals``), ``--per-class``
+samples of every class with ``--class K`` (seeds fixed, the same for every row), scored by
+ddpmkit's digit classifier (metrics.py): the share read as the asked class, the share
+*recognisable* (classifier confidence >= 0.9, the real digits' figure beside it), the Frechet
+distance of all samples to the 297 test digits, and the sampling wall time. Rows for real
+training digits (the FD floor at the same N), the null class, and (``--uncond-checkpoint``)
+an unconditional model's samples at the same N come first.
 
 Inpainting (``--inpaint``): the bottom half (rows 4-7) of the 297 test digits is generated
-from the top half with each method; the share the classifier reads as the true digit is
-compared with the same digits with the bottom half set to the training mean, and with the
-real digits. A conditional model inpaints through its null class (unconditional).
+from the top half with each method, on ``--uncond-checkpoint`` when given (else on
+``--checkpoint`` through its null class); the share the classifier reads as the true digit
+is compared with the same digits with the bottom half set to the training mean, and with
+the real digits.
 
-    python benchmarks/guidance.py --checkpoint runs/digits-cond \
-        --out-dir benchmarks/results/guidance
-    python benchmarks/guidance.py --checkpoint runs/digits --inpaint-only --out-dir ...
+    python benchmarks/guidance.py --checkpoint runs/digits-cond --uncond-checkpoint \
+        runs/digits --inpaint --intervals 0.5:10 --jobs 3 --out-dir benchmarks/results/guidance
 
-Writes results.json, results.md and guidance.png into --out-dir and prints the tables.
+Rows run in ``--jobs`` processes of one torch thread each (times are then those of one
+busy core). Writes results.json, results.md and guidance.png into --out-dir and prints the
+tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import date
 from pathlib import Path
 
 import torch
 
 from ddpmkit import sample
-from ddpmkit.config import DataConfig
+from ddpmkit.config import DataConfig, SampleConfig
 from ddpmkit.data import load_data
 from ddpmkit.editing import inpaint
 from ddpmkit.loading import load
-from ddpmkit.metrics import digit_labels, digit_quality, load_digit_classifier, real_digit_baseline
+from ddpmkit.metrics import digit_labels, digit_quality, load_digit_classifier
 
 DEFAULT_SCALES = (0.0, 1.0, 1.5, 2.0, 3.0, 5.0)
+CONFIDENT = 0.9  # "recognisable": the classifier's top class has probability >= this
 
 
 def _share(classifier, x: torch.Tensor, labels: torch.Tensor) -> float:
@@ -45,49 +52,153 @@ def _share(classifier, x: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels).double().mean())
 
 
-def guidance_rows(run, classifier, scales, per_class: int, sampler: str, steps: int,
-                  seed: int) -> list[dict]:
-    K = run.config.model.num_classes
+def _recognisable(classifier, x: torch.Tensor) -> float:
+    with torch.inference_mode():
+        p = classifier(x.float().clamp(-1, 1)).softmax(1).amax(1)
+    return float((p >= CONFIDENT).double().mean())
+
+
+def _scores(classifier, x: torch.Tensor, y: torch.Tensor | None) -> dict:
+    return {"fd": digit_quality(x, classifier=classifier)["fd"],
+            "share": None if y is None else _share(classifier, x, y),
+            "recognisable": _recognisable(classifier, x)}
+
+
+# Each row is one job, run in a worker process that loads checkpoints once.
+_CACHE: dict = {}
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _get(key, make):
+    if key not in _CACHE:
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+def run_job(job: dict) -> dict:
+    """One row: {"kind": "real" | "null" | "guided" | "uncond" | "inpaint", ...} -> scores."""
+    classifier = _get("classifier", load_digit_classifier)
+    kind = job["kind"]
+    if kind == "inpaint":
+        return _inpaint_row(job, classifier)
+    K, per_class = job["num_classes"], job["per_class"]
     y = torch.arange(K).repeat_interleave(per_class)
     n = len(y)
-    seeds = range(seed, seed + n)
-    real = real_digit_baseline("test", n=min(n, 1500), classifier=classifier)
-    rows = [{"S": "real", "fd": real["fd"], "share": None, "seconds": None}]
+    if kind == "real":  # training digits against the test digits, at the same N
+        x = load_data(DataConfig(name="digits"), "train").x[:n]
+        return {**job, **_scores(classifier, x, digit_labels("train")[:n]), "seconds": None}
+    ckpt = job["uncond_checkpoint"] if kind == "uncond" else job["checkpoint"]
+    run = _get(ckpt, lambda: load(ckpt, device="cpu"))
+    kw = {}
+    if kind == "guided":
+        kw = dict(y=y, guidance=job["S"], guidance_interval=job.get("interval"))
     t0 = time.perf_counter()
-    x = sample(run.model, run.diffusion, (n, *run.data_shape), sampler, steps, seeds=seeds)
-    rows.append({"S": "null class", "fd": digit_quality(x, classifier=classifier)["fd"],
-                 "share": _share(classifier, x, y), "seconds": time.perf_counter() - t0})
-    for S in scales:
-        t0 = time.perf_counter()
-        x = sample(run.model, run.diffusion, (n, *run.data_shape), sampler, steps,
-                   seeds=seeds, y=y, guidance=S)
-        sec = time.perf_counter() - t0
-        rows.append({"S": S, "fd": digit_quality(x, classifier=classifier)["fd"],
-                     "share": _share(classifier, x, y), "seconds": sec})
-        print(f"S={S}: share {rows[-1]['share']:.3f}, FD {rows[-1]['fd']:.2f}, {sec:.1f} s",
-              flush=True)
-    return rows
+    x = sample(run.model, run.diffusion, (n, *run.data_shape), job["sampler"], job["steps"],
+               seeds=range(job["seed"], job["seed"] + n), **kw)
+    sec = time.perf_counter() - t0
+    row = {**job, **_scores(classifier, x, y if kind != "uncond" else None), "seconds": sec}
+    if kind == "null":
+        row["share"] = _share(classifier, x, y)  # chance level: the label is not used
+    return row
 
 
-def inpaint_rows(run, classifier, methods: list[tuple[str, dict]], seed: int) -> list[dict]:
+def _inpaint_row(job: dict, classifier) -> dict:
+    ckpt = job["uncond_checkpoint"] or job["checkpoint"]
+    run = _get(ckpt, lambda: load(ckpt, device="cpu"))
+    test = load_data(DataConfig(name="digits"), "test").x
+    t0 = time.perf_counter()
+    x = inpaint(run.model, run.diffusion, test, _bottom_half(),
+                seeds=range(job["seed"], job["seed"] + len(test)), **job["kw"])
+    sec = time.perf_counter() - t0
+    assert torch.equal(x[:, :, :4], test[:, :, :4])  # kept pixels come back unchanged
+    return {**job, "share": _share(classifier, x, digit_labels("test")), "seconds": sec}
+
+
+def _bottom_half() -> torch.Tensor:
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[4:] = True  # rows 4-7: generated
+    return mask
+
+
+def inpaint_baselines(classifier) -> list[dict]:
+    """Real test digits, and the same with rows 4-7 set to the training mean."""
     test = load_data(DataConfig(name="digits"), "test").x
     labels = digit_labels("test")
     train_mean = load_data(DataConfig(name="digits"), "train").x.mean(0)
-    mask = torch.zeros(8, 8, dtype=torch.bool)
-    mask[4:] = True
-    filled = torch.where(mask, train_mean, test)
-    rows = [{"method": "real digits", "share": _share(classifier, test, labels)},
+    filled = torch.where(_bottom_half(), train_mean, test)
+    return [{"method": "real digits", "share": _share(classifier, test, labels)},
             {"method": "bottom half = training mean", "share": _share(classifier, filled,
                                                                        labels)}]
-    for name, kw in methods:
-        t0 = time.perf_counter()
-        x = inpaint(run.model, run.diffusion, test, mask, seeds=range(seed, seed + len(test)),
-                    **kw)
-        sec = time.perf_counter() - t0
-        assert torch.equal(x[:, :, :4], test[:, :, :4])
-        rows.append({"method": name, "share": _share(classifier, x, labels), "seconds": sec})
-        print(f"{name}: {rows[-1]['share']:.3f} ({sec:.0f} s)", flush=True)
+
+
+def _interval_text(interval) -> str:
+    if interval is None:
+        return ""
+    lo, hi = (v if isinstance(v, str) else format(v, "g") for v in interval)
+    return f"sigma in ({lo}, {hi}]"
+
+
+def _finite_json(v):
+    """inf -> "inf", so that results.json is strict JSON."""
+    if isinstance(v, dict):
+        return {k: _finite_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_json(x) for x in v]
+    return "inf" if isinstance(v, float) and math.isinf(v) else v
+
+
+def guidance_jobs(args, num_classes: int) -> list[dict]:
+    base = dict(checkpoint=args.checkpoint, uncond_checkpoint=args.uncond_checkpoint,
+                num_classes=num_classes, per_class=args.per_class, sampler=args.sampler,
+                steps=args.steps, seed=args.seed)
+    jobs = [{**base, "kind": "real", "S": "real digits"},
+            {**base, "kind": "null", "S": "null class"}]
+    if args.uncond_checkpoint:
+        jobs.append({**base, "kind": "uncond", "S": "unconditional model"})
+    for S in args.scales:
+        jobs.append({**base, "kind": "guided", "S": S, "interval": None})
+    for interval in args.intervals:
+        for S in args.interval_scales:
+            jobs.append({**base, "kind": "guided", "S": S, "interval": interval})
+    return jobs
+
+
+def inpaint_jobs(args) -> list[dict]:
+    st = args.inpaint_steps
+    base = dict(kind="inpaint", checkpoint=args.checkpoint, seed=args.seed,
+                uncond_checkpoint=args.uncond_checkpoint)
+    jobs = [{**base, "method": f"replace ({st} steps)", "kw": dict(method="replace", steps=st)},
+            {**base, "method": f"RePaint ({st} steps, jump 2, resample 10)",
+             "kw": dict(method="repaint", steps=st, jump=2, resample=10)}]
+    if args.inpaint_jump10:
+        jobs.append({**base, "method": f"RePaint ({st} steps, jump 10, resample 10)",
+                     "kw": dict(method="repaint", steps=st, jump=10, resample=10)})
+    return jobs
+
+
+def run_jobs(jobs: list[dict], workers: int) -> list[dict]:
+    """Rows in the order of ``jobs``; the costliest (RePaint, guided) start first."""
+    if workers <= 1:
+        _worker_init()
+        rows = [run_job(j) for j in jobs]
+    else:
+        order = sorted(range(len(jobs)), key=lambda i: jobs[i]["kind"] != "inpaint")
+        with ProcessPoolExecutor(workers, initializer=_worker_init) as pool:
+            futures = {i: pool.submit(run_job, jobs[i]) for i in order}
+            rows = [futures[i].result() for i in range(len(jobs))]
+    for r in rows:
+        print(_row_line(r), flush=True)
     return rows
+
+
+def _row_line(r: dict) -> str:
+    if r["kind"] == "inpaint":
+        return f"{r['method']}: {r['share']:.3f} ({r['seconds']:.0f} s)"
+    return (f"{r['S']} {_interval_text(r.get('interval'))}: share {_fmt(r['share'])}, "
+            f"recognisable {r['recognisable']:.3f}, FD {r['fd']:.2f}")
 
 
 def pictures(run, out: Path, guidance: float, seed: int) -> None:
@@ -130,10 +241,14 @@ def _fmt(v, spec=".3f"):
 def tables(res: dict) -> str:
     out = []
     if res.get("guidance"):
-        out += ["| guidance S | share read as the asked class | FD to test digits | "
-                "sampling time (s) |", "|---|---|---|---|"]
+        out += ["| guidance S | guided steps | share read as the asked class | recognisable "
+                f"(confidence >= {CONFIDENT}) | FD to test digits | sampling time (s) |",
+                "|---|---|---|---|---|---|"]
         for r in res["guidance"]:
-            out.append(f"| {r['S']} | {_fmt(r['share'])} | {_fmt(r['fd'], '.2f')} | "
+            where = (_interval_text(r.get("interval")) or "all") if r["kind"] == "guided" \
+                else "-"
+            out.append(f"| {r['S']} | {where} | {_fmt(r['share'])} | "
+                       f"{_fmt(r['recognisable'])} | {_fmt(r['fd'], '.2f')} | "
                        f"{_fmt(r['seconds'], '.1f')} |")
         out.append("")
     if res.get("inpaint"):
@@ -151,13 +266,16 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pts = [r for r in rows if isinstance(r["S"], float)]
+    pts = [r for r in rows if r["kind"] == "guided" and r.get("interval") is None]
     fig, ax = plt.subplots(1, 2, figsize=(8, 3))
     ax[0].plot([r["S"] for r in pts], [r["share"] for r in pts], "o-")
     ax[0].set(xlabel="guidance S", ylabel="share read as the asked class")
     ax[1].plot([r["S"] for r in pts], [r["fd"] for r in pts], "o-", label="samples")
-    real = next(r["fd"] for r in rows if r["S"] == "real")
-    ax[1].axhline(real, color="grey", ls="--", label="real digits")
+    for kind, style, name in (("real", "--", "real digits"),
+                              ("uncond", ":", "unconditional model")):
+        ref = [r["fd"] for r in rows if r["kind"] == kind]
+        if ref:
+            ax[1].axhline(ref[0], color="grey", ls=style, label=name)
     ax[1].set(xlabel="guidance S", ylabel="FD to test digits")
     ax[1].legend()
     fig.tight_layout()
@@ -165,14 +283,27 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _interval(text: str) -> tuple[float, float]:
+    lo, _, hi = text.partition(":")
+    return float(lo), float(hi)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--scales", default=",".join(map(str, DEFAULT_SCALES)))
-    p.add_argument("--per-class", type=int, default=100, help="samples per class and scale")
+    p.add_argument("--checkpoint", required=True, help="class-conditional run")
+    p.add_argument("--uncond-checkpoint", help="unconditional run: a quality row at the same "
+                   "N, and the model that --inpaint uses")
+    p.add_argument("--scales", default=",".join(map(str, DEFAULT_SCALES)),
+                   help="guidance scales guided at every step ('' for none)")
+    p.add_argument("--intervals", default="",
+                   help="guidance intervals LO:HI in sigma, comma-separated (e.g. 0.5:10,1:inf)")
+    p.add_argument("--interval-scales", default=str(SampleConfig().guidance),
+                   help="scales run with each interval")
+    p.add_argument("--per-class", type=int, default=100, help="samples per class and row")
     p.add_argument("--sampler", default="dpm++2m")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="rows run in this many processes")
     p.add_argument("--inpaint", action="store_true", help="also the inpainting table")
     p.add_argument("--inpaint-only", action="store_true", help="only the inpainting table")
     p.add_argument("--inpaint-steps", type=int, default=50)
@@ -182,39 +313,43 @@ def main() -> None:
     p.add_argument("--pictures", action="store_true",
                    help="also write the README pictures (class grid, inpainting, SDEdit, "
                         "interpolation strips) into --out-dir")
-    p.add_argument("--picture-guidance", type=float, default=2.0)
+    p.add_argument("--picture-guidance", type=float, default=SampleConfig().guidance)
     args = p.parse_args()
+    args.scales = [float(v) for v in args.scales.split(",") if v.strip()]
+    args.intervals = [_interval(v) for v in args.intervals.split(",") if v.strip()]
+    args.interval_scales = [float(v) for v in args.interval_scales.split(",") if v.strip()]
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(1)
     run = load(args.checkpoint, device="cpu")
     classifier = load_digit_classifier()
-    res: dict = {"checkpoint": args.checkpoint, "step": run.step, "sampler": args.sampler,
-                 "steps": args.steps}
-    if not args.inpaint_only and args.scales:
+    jobs = []
+    if not args.inpaint_only:
         if not run.config.model.num_classes:
             raise SystemExit("error: guidance needs a class-conditional checkpoint")
-        scales = [float(s) for s in args.scales.split(",")]
-        res["guidance"] = guidance_rows(run, classifier, scales, args.per_class, args.sampler,
-                                        args.steps, args.seed)
+        jobs += guidance_jobs(args, run.config.model.num_classes)
     if args.inpaint or args.inpaint_only:
-        st = args.inpaint_steps
-        methods = [(f"replace ({st} steps)", dict(method="replace", steps=st)),
-                   (f"RePaint ({st} steps, jump 2, resample 10)",
-                    dict(method="repaint", steps=st, jump=2, resample=10))]
-        if args.inpaint_jump10:
-            methods.append((f"RePaint ({st} steps, jump 10, resample 10)",
-                            dict(method="repaint", steps=st, jump=10, resample=10)))
-        res["inpaint"] = inpaint_rows(run, classifier, methods, args.seed)
+        jobs += inpaint_jobs(args)
+    rows = run_jobs(jobs, args.jobs)
+    res: dict = {"checkpoint": args.checkpoint, "step": run.step,
+                 "uncond_checkpoint": args.uncond_checkpoint, "sampler": args.sampler,
+                 "steps": args.steps, "per_class": args.per_class}
+    if args.uncond_checkpoint:
+        res["uncond_step"] = load(args.uncond_checkpoint, device="cpu").step
+    res["guidance"] = [r for r in rows if r["kind"] != "inpaint"]
+    if args.inpaint or args.inpaint_only:
+        res["inpaint"] = inpaint_baselines(classifier) + [r for r in rows
+                                                          if r["kind"] == "inpaint"]
     what = (f"{args.sampler} {args.steps} steps, {args.per_class} samples per class"
-            if res.get("guidance") else f"inpainting over {args.inpaint_steps} steps")
-    res["footer"] = (f"checkpoint step {run.step}, {what}; {date.today()}, "
-                     f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                     f"torch {torch.__version__}.")
+            if res["guidance"] else f"inpainting over {args.inpaint_steps} steps")
+    steps = f"checkpoint step {run.step}" + (f", unconditional step {res['uncond_step']}"
+                                              if args.uncond_checkpoint else "")
+    res["footer"] = (f"{steps}, {what}; {date.today()}, {platform.machine()}, "
+                     f"{args.jobs} processes of 1 torch thread, torch {torch.__version__}.")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    (out / "results.json").write_text(json.dumps(_finite_json(res), indent=1, allow_nan=False))
     (out / "results.md").write_text(tables(res))
-    if res.get("guidance"):
+    if res["guidance"]:
         plot(res["guidance"], out / "guidance.png")
     print(tables(res))
     if args.pictures:

@@ -171,6 +171,93 @@ def test_learned_variance_outputs_guide_the_mean_only_in_sampling():
     torch.testing.assert_close(x, ref)
 
 
+# ---- guidance interval (Kynkaanniemi et al. 2024) --------------------------------------------
+
+def sigma_at(d, t):
+    """EDM noise level sqrt((1 - ab) / ab) at the network's (possibly fractional) t."""
+    ab = alpha_bar_at(d, t)
+    return ((1 - ab) / ab).sqrt()
+
+
+class Recorder:
+    """Wraps the oracle: records (t of the call, whether it was a guided 2B-row call)."""
+
+    def __init__(self, oracle, batch):
+        self.oracle, self.batch, self.calls = oracle, batch, []
+        self.num_classes = oracle.num_classes
+
+    def __call__(self, x, t, y=None):
+        self.calls.append((float(t[0]), x.shape[0] == 2 * self.batch))
+        assert x.shape[0] == self.batch or torch.equal(t[:self.batch], t[self.batch:])
+        return self.oracle(x, t, y)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_guidance_interval_guides_exactly_inside_and_is_conditional_outside(method):
+    d = diffusion(T=1000, variance="fixed_large")
+    y = torch.tensor([0, 2, 1, 2])
+    kw = dict(clip_denoised=False, y=y, seeds=[3, 4, 5, 6], eta=0.7)
+    shape, steps = (4, 2), 12
+    run = lambda model, **more: sample(model, d, shape, method, steps, **kw, **more)  # noqa: E731
+    oracle = GaussianClasses(d)
+    guided, cond = run(oracle, guidance=3.0), run(oracle, guidance=1.0)
+    # every sigma inside -> the guided path; none inside -> the plain conditional path, exactly
+    assert torch.equal(run(oracle, guidance=3.0, guidance_interval=(0.0, math.inf)), guided)
+    assert torch.equal(run(oracle, guidance=3.0, guidance_interval=(1e4, 1e5)), cond)
+    assert not torch.allclose(guided, cond, atol=1e-2)
+    # a partial interval: a guided (2B-row) call exactly at the steps whose sigma is inside,
+    # with sigma computed here from alpha_bar (fractional t for dpm++ and heun)
+    lo, hi = 0.5, 5.0
+    rec = Recorder(oracle, 4)
+    part = run(rec, guidance=3.0, guidance_interval=(lo, hi))
+    sig = sigma_at(d, torch.tensor([t for t, _ in rec.calls], dtype=F64))
+    inside = ((sig > lo) & (sig <= hi)).tolist()
+    assert [g for _, g in rec.calls] == inside
+    assert any(inside) and not all(inside)
+    assert not torch.allclose(part, guided) and not torch.allclose(part, cond)
+
+
+def test_guidance_interval_path_equals_the_closed_form_ddim_recursion():
+    """DDIM (eta = 0) with the exact Gaussian eps is an affine map; with the interval, each
+    step uses class y's law where sigma is outside and the guided law N(mu_null + S (mu_y -
+    mu_null), Sigma) inside. That recursion, written out here, gives the sample to 1e-10."""
+    d = diffusion(T=1000)
+    oracle = GaussianClasses(d)
+    S, lo, hi = 2.5, 0.3, 3.0
+    y = torch.tensor([0, 1, 2, 0])
+    noise = torch.randn(4, 2, generator=torch.Generator().manual_seed(9), dtype=F64)
+    x = sample(oracle, d, (4, 2), "ddim", 25, clip_denoised=False, y=y, guidance=S,
+               guidance_interval=(lo, hi), noise=noise)
+    kept = space_timesteps(1000, 25)
+    ab = d.alpha_bar.double()
+    z = noise.clone()
+    for j in reversed(range(len(kept))):
+        a_t = ab[kept[j]]
+        a_prev = ab[kept[j - 1]] if j > 0 else torch.tensor(1.0, dtype=F64)
+        sigma = ((1 - a_t) / a_t).sqrt()
+        mean = MEANS[y]
+        if lo < sigma <= hi:
+            mean = MU_NULL + S * (MEANS[y] - MU_NULL)
+        C = a_t * SIGMA + (1 - a_t) * torch.eye(2, dtype=F64)
+        eps = (1 - a_t).sqrt() * (z - a_t.sqrt() * mean) @ torch.linalg.inv(C).T
+        x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(x, z, rtol=0, atol=1e-10)
+    full = sample(oracle, d, (4, 2), "ddim", 25, clip_denoised=False, y=y, guidance=S,
+                  noise=noise)
+    assert (x - full).abs().max() > 1e-3  # the interval changed the path
+
+
+def test_guidance_interval_bad_values_give_one_line_errors():
+    d = diffusion(T=20)
+    oracle = GaussianClasses(d)
+    for bad in ((1.0, 0.5), (-1.0, 2.0), (math.nan, 1.0), (0.0, math.nan), (math.inf, math.inf)):
+        with pytest.raises(ConfigError, match="guidance interval") as e:
+            sample(oracle, d, (2, 2), "ddim", 4, y=[0, 1], guidance=2.0,
+                   guidance_interval=bad, clip_denoised=False)
+        assert "\n" not in str(e.value)
+
+
 def test_bad_labels_and_guidance_give_one_line_errors():
     d = diffusion(T=20)
     oracle = GaussianClasses(d)

@@ -52,6 +52,11 @@ in Python, with diffusers installed:
 CLASS_HELP = ("class-conditional models: every sample of class K, or 'all' (--num per class, "
               "one grid row per class); default: unconditional")
 
+GUIDANCE_INTERVAL_HELP = (
+    "with --class: guide only at noise levels LO < sigma <= HI (Kynkaanniemi et al. 2024), "
+    "sigma = sqrt((1 - alpha_bar) / alpha_bar) of the step (HI may be inf), the plain "
+    "conditional model elsewhere; default: guide at every step")
+
 
 def _int_at_least(low: int, high: int | None = None):
     """An argparse type: an integer >= ``low`` (and <= ``high``): a bad count is a usage
@@ -226,8 +231,9 @@ def cmd_sample(args) -> int:
         return min(sc.batch_size, sc.num - start)
 
     labels = _sample_labels(args.class_label, run.config.model.num_classes, sc)
-    if labels is None and args.guidance is not None:
-        raise ConfigError("--guidance needs --class K|all (it mixes the class and the "
+    if labels is None and (args.guidance is not None or args.guidance_interval):
+        flag = "--guidance" if args.guidance is not None else "--guidance-interval"
+        raise ConfigError(f"{flag} needs --class K|all (guidance mixes the class and the "
                           "unconditional prediction)")
     if labels is not None and len(labels) != sc.num:  # --class all: --num per class
         sc = C.section_from_dict(C.SampleConfig, {"num": len(labels)}, base=sc)
@@ -248,7 +254,8 @@ def cmd_sample(args) -> int:
                    seeds=range(sc.seed + start, sc.seed + start + n), device=run.device,
                    callback=_step_callback(bar, n, start == 0),
                    y=None if labels is None else labels[start:start + n],
-                   guidance=sc.guidance if labels is not None else 1.0)
+                   guidance=sc.guidance if labels is not None else 1.0,
+                   guidance_interval=args.guidance_interval if labels is not None else None)
         chunks.append(torch.from_numpy(to_uint8(x)) if image else x.float().cpu())
     if bar is not None:
         bar.close()
@@ -267,10 +274,12 @@ def cmd_sample(args) -> int:
             viz.save_image_grid(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0, out,
                                 nrow=len(x) // run.config.model.num_classes if rows else None)
         else:
-            viz.plot_points(x, out, title=f"{sc.num} samples ({sc.sampler})")
+            viz.plot_points(x, out, title=f"{sc.num} samples ({sc.sampler})", labels=labels)
     else:
-        viz.plot_points(x, out, title=f"{sc.num} samples ({sc.sampler})")
+        viz.plot_points(x, out, title=f"{sc.num} samples ({sc.sampler})", labels=labels)
     what = "" if labels is None else (f", class {args.class_label}, guidance {sc.guidance:g}")
+    if labels is not None and args.guidance_interval:
+        what += " for sigma in ({:g}, {:g}]".format(*args.guidance_interval)
     print(f"wrote {sc.num} samples ({sc.sampler}, {sc.steps or run.diffusion.num_timesteps} "
           f"steps{what}) to {out}")
     return 0
@@ -818,6 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tf32(p)
     _add_common(p)
     p.add_argument("--class", dest="class_label", metavar="K|all", help=CLASS_HELP)
+    p.add_argument("--guidance-interval", nargs=2, type=float, metavar=("LO", "HI"),
+                   help=GUIDANCE_INTERVAL_HELP)
     C.add_flags(p, C.SampleConfig, group_title="sampling options")
     p.set_defaults(func=cmd_sample)
 

@@ -42,6 +42,9 @@ out_uncond + S (out_cond - out_uncond) from one batched call on [x; x] with labe
 x_t and t each is an affine function of the output, and the weights (1 - S, S) sum to one.
 A learned variance is taken from the conditional half (only the mean is guided). S = 1 is
 the conditional network alone and S = 0 the null class alone, each one plain call.
+``guidance_interval=(lo, hi)`` (Kynkaanniemi et al. 2024) guides only at the noise levels
+lo < sigma <= hi, sigma = sqrt((1 - alpha_bar) / alpha_bar) (EDM's noise level of the step
+the network is called at), and uses the plain conditional model (one call) elsewhere.
 
 Noise. With ``seeds``, sample j draws all its noise (x_T, then every step's fresh noise)
 from its own ``torch.Generator`` on the sampling device, seeded with ``seeds[j]``, so a seed
@@ -67,6 +70,7 @@ __all__ = [
     "ddim_invert",
     "ddim_reconstruct",
     "guided_model",
+    "guidance_window",
     "METHODS",
     "TIME_MAPPINGS",
 ]
@@ -177,7 +181,8 @@ def check_labels(y, batch: int, num_classes: int) -> torch.Tensor:
 
 
 def guided_model(model: Model, y: torch.Tensor, guidance: float = 1.0,
-                 null_class: int | None = None) -> Model:
+                 null_class: int | None = None,
+                 window: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Model:
     """``model`` with labels ``y`` [B] and classifier-free guidance scale ``guidance`` (S):
 
         out = out(x, t, null) + S (out(x, t, y) - out(x, t, null))
@@ -186,7 +191,9 @@ def guided_model(model: Model, y: torch.Tensor, guidance: float = 1.0,
     run as one batched call on [x; x]; with a learned variance (output of 2C channels for C
     data channels) the variance half comes from the conditional call. ``null_class``
     defaults to ``model.num_classes`` (our networks' null index). S = 1 and S = 0 make one
-    plain call with ``y`` or the null class.
+    plain call with ``y`` or the null class. ``window`` (see :func:`guidance_window`): a
+    predicate on the network's t [B] -> bool [B]; where False the output is the plain
+    conditional one (S = 1), and a call with no t inside is one conditional call.
     """
     if null_class is None:
         null_class = int(getattr(model, "num_classes", 0) or 0)
@@ -197,32 +204,72 @@ def guided_model(model: Model, y: torch.Tensor, guidance: float = 1.0,
     null = torch.full_like(y, null_class)
     if S == 1.0:
         return lambda x, t: model(x, t, y.to(x.device))
-    if S == 0.0:
+    if S == 0.0 and window is None:
         return lambda x, t: model(x, t, null.to(x.device))
     labels = torch.cat([y, null])
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        inside = None if window is None else window(t)
+        if inside is not None and not bool(inside.any()):
+            return model(x, t, y.to(x.device))  # outside the interval: exactly S = 1
         out = model(torch.cat([x, x]), torch.cat([t, t]), labels.to(x.device))
         cond, uncond = out.chunk(2)
         C = x.shape[1]
         if out.shape[1] == 2 * C:  # learned variance: guide the mean part only
             mean = uncond[:, :C] + S * (cond[:, :C] - uncond[:, :C])
-            return torch.cat([mean, cond[:, C:]], dim=1)
-        return uncond + S * (cond - uncond)
+            mixed = torch.cat([mean, cond[:, C:]], dim=1)
+        else:
+            mixed = uncond + S * (cond - uncond)
+        if inside is not None and not bool(inside.all()):  # t differs across the batch
+            mixed = torch.where(inside.view(-1, *[1] * (x.ndim - 1)), mixed, cond)
+        return mixed
     return guided
 
 
-def _with_labels(model: Model, y, guidance: float, batch: int) -> Model:
-    """The model a sampler runs: ``model`` itself without labels, else :func:`guided_model`."""
+def guidance_window(diffusion: GaussianDiffusion, interval: Sequence[float]
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Guidance interval (Kynkaanniemi et al. 2024) as a predicate for :func:`guided_model`:
+    the network's t [B] (original step indices, int or fractional) -> bool [B], True where
+    ``lo < sigma(t) <= hi``. sigma = sqrt((1 - alpha_bar) / alpha_bar) = exp(-lambda), EDM's
+    noise level (x_t / sqrt(alpha_bar) = x_0 + sigma eps); between steps lambda is linear in
+    the index, as the continuous-time samplers assume. ``hi`` may be ``inf``.
+    """
+    lo, hi = (float(v) for v in interval)
+    if not (math.isfinite(lo) and lo >= 0.0 and hi > lo) or math.isnan(hi):
+        raise ConfigError(f"guidance interval ({lo:g}, {hi:g}] must have 0 <= LO < HI "
+                          "(noise levels sigma; HI may be inf)")
+    steps = diffusion.timestep_map.double()  # the network's index of each step
+    lam = _lambda_table(diffusion)
+
+    def inside(t: torch.Tensor) -> torch.Tensor:
+        tt = t.to(device=steps.device, dtype=torch.float64).clamp(steps[0], steps[-1])
+        if steps.numel() == 1:
+            lam_t = lam.expand_as(tt)
+        else:
+            p = torch.searchsorted(steps, tt).clamp(1, steps.numel() - 1)
+            w = (tt - steps[p - 1]) / (steps[p] - steps[p - 1])
+            lam_t = lam[p - 1] + w * (lam[p] - lam[p - 1])
+        sigma = torch.exp(-lam_t)
+        return ((sigma > lo) & (sigma <= hi)).to(t.device)
+    return inside
+
+
+def _with_labels(model: Model, y, guidance: float, batch: int,
+                 diffusion: GaussianDiffusion | None = None,
+                 interval: Sequence[float] | None = None) -> Model:
+    """The model a sampler runs: ``model`` itself without labels, else :func:`guided_model`
+    (guiding only within ``interval`` of sigma when one is given)."""
     if y is None:
         if float(guidance) != 1.0:
             raise ConfigError("guidance needs class labels y (classifier-free guidance mixes the "
                               "conditional and the unconditional prediction)")
         return model
     null_class = int(getattr(model, "num_classes", 0) or 0)
-    return guided_model(model, check_labels(y, batch, null_class), guidance, null_class)
+    window = None if interval is None else guidance_window(diffusion, interval)
+    return guided_model(model, check_labels(y, batch, null_class), guidance, null_class,
+                        window)
 
 
 # ---- shared pieces ------------------------------------------------------------------------
@@ -598,7 +645,8 @@ def sample(model: Model, diffusion: GaussianDiffusion, shape: Sequence[int],
            device: torch.device | str | None = None, noise: torch.Tensor | None = None,
            callback: Callback | None = None, time_mapping: str = "interpolate",
            y: torch.Tensor | Sequence[int] | int | None = None,
-           guidance: float = 1.0) -> torch.Tensor:
+           guidance: float = 1.0,
+           guidance_interval: Sequence[float] | None = None) -> torch.Tensor:
     """Draw samples [B, ...] = ``shape`` by running the reverse process from x_T ~ N(0, I).
 
     Args:
@@ -628,6 +676,9 @@ def sample(model: Model, diffusion: GaussianDiffusion, shape: Sequence[int],
             [0, model.num_classes); None: unconditional (a conditional net's null class).
         guidance: classifier-free guidance scale S (see :func:`guided_model`): 1 the plain
             conditional model, 0 the unconditional one, > 1 sharper class adherence.
+        guidance_interval: (lo, hi): guide only where lo < sigma <= hi (sigma =
+            sqrt((1 - alpha_bar) / alpha_bar) of the step), plain conditional elsewhere
+            (see :func:`guidance_window`); None: guide at every step.
 
     Returns x_0 [B, ...] on ``device`` in the sampling dtype.
     """
@@ -658,7 +709,7 @@ def sample(model: Model, diffusion: GaussianDiffusion, shape: Sequence[int],
         dtype = noise.dtype
     else:
         dtype = torch.float32
-    model = _with_labels(model, y, guidance, shape[0])
+    model = _with_labels(model, y, guidance, shape[0], diffusion, guidance_interval)
     post = _thresholder(clip_denoised, dynamic_threshold)
     draw = _noise_source(shape, dtype, device, seeds, generator)
     x = noise.to(device) if noise is not None else draw()
