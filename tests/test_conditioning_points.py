@@ -17,7 +17,7 @@ import torch
 from ddpmkit.cli import main
 from ddpmkit.config import DataConfig
 from ddpmkit.data import POINT_CLASS_NAMES, load_data, sample_labelled_points, sample_points
-from ddpmkit.load import load
+from ddpmkit.loading import load
 from ddpmkit.sampling import sample
 
 Z = 5.0
