@@ -8,8 +8,8 @@ Sources (made in a temporary folder, nothing downloaded):
 each with 0, 1 and 2 DataLoader workers, next to PIL's raw decode rate of the same JPEGs
 in this process (the ceiling for the folder) and the training rate of the CIFAR-10 network
 (measured here: a few steps at batch 16; docs/speed.md has the careful figure), and the rate
-an 8-accelerator node would ask of the input pipeline. Prints images/s; not a test. On a shared machine the figures move a lot
-from run to run: compare rows of one run.
+an 8-accelerator node would ask of the input pipeline. Prints images/s; not a test. On a
+shared machine the figures move a lot from run to run: compare rows of one run.
 
 `--readers` compares shard readers instead, on 32x32 PNG shards in one process: the
 `webdataset` package (if installed: `pip install webdataset`), a plain `tarfile` stream
