@@ -205,6 +205,10 @@ class DiffusionConfig:
     loss: str = field(default="simple", metadata=_help("simple | vlb | hybrid"))
     hybrid_lambda: float = field(default=0.001, metadata=_help(
         "weight of the bound in the hybrid loss (Improved DDPM)"))
+    min_snr_gamma: float = field(default=0.0, metadata=_help(
+        "min-SNR-gamma weighting of the simple loss (Hang et al. 2023): each example's "
+        "squared error times min(SNR_t, gamma) / SNR_t for eps, / (SNR_t + 1) for v, "
+        "min(SNR_t, gamma) for x0 (0: off; 5 in the paper)"))
 
     def __post_init__(self) -> None:
         _choice("schedule", self.schedule, SCHEDULES)
@@ -225,6 +229,7 @@ class DiffusionConfig:
         _choice("variance", self.variance, VARIANCES)
         _choice("loss", self.loss, LOSSES)
         _positive("hybrid_lambda", self.hybrid_lambda, allow_zero=True)
+        _positive("min_snr_gamma", self.min_snr_gamma, allow_zero=True)
         if self.loss == "hybrid" and self.variance != "learned_range":
             # With a fixed variance the hybrid's bound term has no gradient at all.
             raise ConfigError("loss='hybrid' trains the variance: use variance='learned_range'")
@@ -240,7 +245,11 @@ class TrainConfig:
         "after warm-up: 'none' (constant) or 'cosine' (to 0 at max_steps)"))
     max_steps: int = field(default=0, metadata=_help("stop after this many steps (0: no limit)"))
     max_minutes: float = field(default=0.0, metadata=_help(
-        "stop after this much wall time (0: no limit)"))
+        "stop after this much wall time (0: no limit); a clock budget trains a different "
+        "model on every machine and load: prefer max_steps"))
+    threads: int = field(default=0, metadata=_help(
+        "CPU threads of the training process (0: auto, the free cores by the 1-minute load "
+        "average, with a note when that is fewer than the cores)"))
     grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm (0: off)"))
     grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
     ema_half_life: float = field(default=50_000.0, metadata=_help(
@@ -251,6 +260,9 @@ class TrainConfig:
         "fp32 | bf16 | fp16 (mixed precision; CUDA only)"))
     timestep_sampler: str = field(default="uniform", metadata=_help(
         "uniform | loss_aware (Improved DDPM importance sampling, for vlb)"))
+    stratified_t: bool = field(default=False, metadata=_help(
+        "stratified timesteps (VDM's low-variance t): example i of a global batch of B draws "
+        "its uniform from [i/B, (i+1)/B), so every batch covers all of 0..T-1 evenly"))
     checkpoint_every: int = field(default=1000, metadata=_help("steps between checkpoints"))
     keep_checkpoints: int = field(default=3, metadata=_help("newest checkpoints kept"))
     sample_every: int = field(default=0, metadata=_help(
@@ -274,6 +286,9 @@ class TrainConfig:
         "samples per training-time FID (the sample options' sampler, steps and seed)"))
     fid_inception: str = field(default="", metadata=_help(
         "TF-Inception weights for FID ('': $DDPMKIT_INCEPTION, then ~/.cache/ddpmkit/)"))
+    log: str = field(default="", metadata=_help(
+        "extra metric log beside metrics.csv: '' (none) or 'tensorboard' (events in the run "
+        "folder; needs the ddpmkit[tensorboard] extra)"))
     class_dropout: float = field(default=0.1, metadata=_help(
         "class-conditional runs: share of training examples given the null class, so that "
         "one network learns p(x | y) and p(x) for classifier-free guidance (0: off)"))
@@ -299,6 +314,9 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
         _choice("channels_last", self.channels_last, ("auto", "on", "off"))
+        _choice("log", self.log, ("", "tensorboard"))
+        if isinstance(self.threads, bool) or not 0 <= self.threads <= 4096:
+            raise ConfigError(f"threads={_show(self.threads)} must be 0 (auto) or 1..4096")
 
 
 @dataclass(frozen=True)
@@ -534,7 +552,8 @@ FIXED_ON_RESUME = frozenset({
 # resume, and is printed.
 GUARDED_ON_RESUME = frozenset({
     "data.name", "data.fingerprint", "data.flip", "data.num_points", "model.dropout",
-    "diffusion.loss", "diffusion.hybrid_lambda", "train.seed", "train.timestep_sampler"})
+    "diffusion.loss", "diffusion.hybrid_lambda", "diffusion.min_snr_gamma", "train.seed",
+    "train.timestep_sampler", "train.stratified_t"})
 
 
 def config_changes(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
@@ -653,7 +672,21 @@ RUN_PRESETS: dict[str, RunConfig] = {
         data=DataConfig(name="digits"),
         model=MODEL_PRESETS["digits"],
         diffusion=DiffusionConfig(schedule="cosine", timesteps=1000),
-        train=TrainConfig(batch_size=128, lr=1e-3, warmup_steps=200, max_minutes=8.0,
+        # A step budget, not a clock: the same command trains the same model on any machine
+        # and load. 2,200 steps is what 8 minutes gave on a quiet 2-core machine (README).
+        train=TrainConfig(batch_size=128, lr=1e-3, warmup_steps=200, max_steps=2200,
+                          ema_half_life=20_000.0, checkpoint_every=500, log_every=50),
+        sample=SampleConfig(num=100, seed=0),
+    ),
+    # The likelihood preset (issue 14): learned variances (learned_range) trained by the hybrid
+    # loss (Improved DDPM sec. 3.1), 2,750 steps (10 quiet minutes at the digits preset's
+    # speed). Measured test bound: README, "A likelihood preset".
+    "digits-nll": RunConfig(
+        data=DataConfig(name="digits"),
+        model=MODEL_PRESETS["digits"],
+        diffusion=DiffusionConfig(schedule="cosine", timesteps=1000, variance="learned_range",
+                                  loss="hybrid"),
+        train=TrainConfig(batch_size=128, lr=1e-3, warmup_steps=200, max_steps=2750,
                           ema_half_life=20_000.0, checkpoint_every=500, log_every=50),
         sample=SampleConfig(num=100, seed=0),
     ),

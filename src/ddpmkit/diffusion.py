@@ -20,6 +20,7 @@ from .losses import (
     discretized_gaussian_log_likelihood,
     gaussian_log_likelihood,
     mean_flat,
+    min_snr_weight,
     normal_kl,
 )
 from .schedules import betas_from_alpha_bar, validate_betas
@@ -61,7 +62,8 @@ class GaussianDiffusion:
 
     def __init__(self, betas: torch.Tensor, prediction: str = "eps",
                  variance: str = "fixed_small", loss: str = "simple",
-                 hybrid_lambda: float = 0.001, timestep_map: torch.Tensor | None = None):
+                 hybrid_lambda: float = 0.001, timestep_map: torch.Tensor | None = None,
+                 min_snr_gamma: float = 0.0):
         for name, value, choices in (("prediction", prediction, PREDICTIONS),
                                      ("variance", variance, VARIANCES),
                                      ("loss", loss, LOSSES)):
@@ -71,6 +73,7 @@ class GaussianDiffusion:
         self.variance = variance
         self.loss = loss
         self.hybrid_lambda = float(hybrid_lambda)
+        self.min_snr_gamma = float(min_snr_gamma)  # 0: the plain simple loss
 
         betas = validate_betas(betas)
         self.num_timesteps = T = int(betas.numel())
@@ -372,6 +375,8 @@ class GaussianDiffusion:
 
         if self.loss in ("simple", "hybrid"):
             terms["mse"] = mean_flat((self.target(x0, t, noise) - pred.float()) ** 2)
+            if self.min_snr_gamma > 0:
+                terms["mse"] = terms["mse"] * self.snr_weight(t).float()
         if self.loss in ("vlb", "hybrid"):
             if self.loss == "hybrid" and var_values is not None:
                 # Stop the bound's gradient to the mean: L_simple alone trains it.
@@ -387,6 +392,15 @@ class GaussianDiffusion:
         else:
             terms["loss"] = terms["mse"] + self.hybrid_lambda * T * terms["vb"]
         return terms
+
+    def snr_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights of the simple loss at steps ``t`` [B] (float64), from
+        :func:`ddpmkit.losses.min_snr_weight`; all ones when ``min_snr_gamma`` is 0."""
+        alpha_bar = self._table("alpha_bar", t.device)[t]
+        if self.min_snr_gamma <= 0:
+            return torch.ones_like(alpha_bar)
+        return min_snr_weight(alpha_bar / (1.0 - alpha_bar), self.min_snr_gamma,
+                              self.prediction)
 
     @torch.inference_mode()
     def bits_per_dim(self, model: Model, x0: torch.Tensor, levels: int | None = 256,

@@ -68,7 +68,7 @@ def build_diffusion(cfg: RunConfig) -> GaussianDiffusion:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return GaussianDiffusion(betas, prediction=d.prediction, variance=d.variance, loss=d.loss,
-                             hybrid_lambda=d.hybrid_lambda)
+                             hybrid_lambda=d.hybrid_lambda, min_snr_gamma=d.min_snr_gamma)
 
 
 def clip_denoised_for(data_kind: str) -> bool:

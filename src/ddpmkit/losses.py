@@ -15,12 +15,31 @@ __all__ = [
     "gaussian_log_likelihood",
     "discretized_gaussian_log_likelihood",
     "mean_flat",
+    "min_snr_weight",
 ]
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over every dimension but the first: [B, ...] -> [B]."""
     return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 8 and its v form), [B] from SNR [B].
+
+    The squared error of each target is a fixed multiple of the x0 error: ||eps - eps'||^2 =
+    SNR ||x0 - x0'||^2 and ||v - v'||^2 = (SNR + 1) ||x0 - x0'||^2, SNR_t = alpha_bar_t /
+    (1 - alpha_bar_t). Weighting the x0 error by min(SNR, gamma) gives, per prediction type:
+    eps: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1); x0: min(SNR, gamma).
+    """
+    clipped = snr.clamp(max=gamma)
+    if prediction == "eps":
+        return clipped / snr
+    if prediction == "v":
+        return clipped / (snr + 1.0)
+    if prediction == "x0":
+        return clipped
+    raise ValueError(f"prediction={prediction!r}; choose eps, v or x0")
 
 
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor,

@@ -22,7 +22,8 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["tune_allocator", "set_tf32", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["tune_allocator", "set_tf32", "threads_for_load", "choose_threads",
+           "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -78,3 +79,41 @@ def set_tf32(enabled: bool = True) -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
     torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+def threads_for_load(threads_now: int, load_1min: float) -> int:
+    """Threads to train with when other programs keep ``load_1min`` cores busy: the cores left
+    free (at least 1), never more than ``threads_now`` (PyTorch's default, one per core).
+
+    Why: PyTorch's intra-op threads split every operation and wait for each other at its end.
+    When another process holds a core, the thread sharing it runs late and the others spin or
+    sleep until it arrives: on the 2-core machine of issue 14, two threads beside one busy
+    process took up to 5.8 s for a 0.2 s step. ``benchmarks/busy_machine.py`` measures it.
+    """
+    taken = int(load_1min + 0.5)  # busy cores, rounded
+    return max(1, min(threads_now, (os.cpu_count() or 1) - taken))
+
+
+def choose_threads(requested: int = 0) -> tuple[int, str | None]:
+    """Set this process's torch threads: ``requested`` (> 0), or by the 1-minute load average
+    (0: :func:`threads_for_load`). Returns the count and a note for the user (None if none).
+
+    Call before the first training step; ``OMP_NUM_THREADS`` set in the environment is taken
+    as the user's choice (auto leaves it alone).
+    """
+    import torch
+
+    now = torch.get_num_threads()
+    if requested > 0:
+        torch.set_num_threads(requested)
+        return requested, None
+    if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg"):
+        return now, None
+    load = os.getloadavg()[0]
+    n = threads_for_load(now, load)
+    if n >= now:
+        return now, None
+    torch.set_num_threads(n)
+    return n, (f"note: the 1-minute load average is {load:.1f} on {os.cpu_count()} cores: "
+               f"training with {n} thread(s) instead of {now}, which a busy core slows much "
+               "less (--threads N to choose)")

@@ -49,7 +49,7 @@ from ..loading import (  # noqa: F401  LoadedRun and load_for_inference live in 
 )
 from ..nn import build_model
 from ..outputs import check_output, check_writable, open_nofollow
-from ..runtime import set_tf32, tune_allocator
+from ..runtime import choose_threads, set_tf32, tune_allocator
 from . import run_dir
 from .checkpoint import find_checkpoint as find_checkpoint_folder
 from .checkpoint import (
@@ -65,7 +65,7 @@ from .ema import EMA, ema_decay
 from .labels import num_classes_of, require_labels
 from .monitor import LogWindow, StepHealth
 from .randomness import ExampleDraws, example_seed, rng_state, set_rng_state
-from .timesteps import TimestepSampler
+from .timesteps import TimestepSampler, stratify
 
 METRIC_FIELDS = ["step", "images", "loss", "mse", "vb", "lr", "grad_norm", "loss_q0", "loss_q1",
                  "loss_q2", "loss_q3", "steps_per_s", "elapsed_s", "skipped", "overflow",
@@ -381,11 +381,18 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, progress: bool,
            allow_changes: bool) -> TrainResult:
     t_start = time.time()
     tune_allocator()
-    trainer = _Trainer(cfg, out, t_start)
-    trainer.allow_changes = allow_changes
-    trainer.restore(trainer.find_checkpoint(resume), resume)
-    trainer.announce()
-    return trainer.run(progress)
+    threads_before = torch.get_num_threads()
+    _, note = choose_threads(cfg.train.threads)
+    if note:
+        dist.print0(note)
+    try:
+        trainer = _Trainer(cfg, out, t_start)
+        trainer.allow_changes = allow_changes
+        trainer.restore(trainer.find_checkpoint(resume), resume)
+        trainer.announce()
+        return trainer.run(progress)
+    finally:
+        torch.set_num_threads(threads_before)  # a process-wide setting: the caller's again
 
 
 @dataclass
@@ -464,6 +471,7 @@ class _Trainer:
         self.last_ckpt: Path | None = None
         self.allow_changes = False  # resume despite GUARDED_ON_RESUME changes (see train())
         self.fid = _TrainingFID(cfg, self.data, self.device) if tc.fid_every else None
+        self.tb = None  # the TensorBoard log (rank 0, --log tensorboard): made in restore()
 
     def _build_model(self) -> None:
         tc = self.cfg.train
@@ -549,6 +557,13 @@ class _Trainer:
             self._restore_from(load_checkpoint(ckpt_path))
         if dist.is_main():
             write_json_atomic(self.out / "config.json", self.cfg.to_json())
+            self._open_tensorboard()
+
+    def _open_tensorboard(self) -> None:
+        """--log tensorboard: events in out/tensorboard, from the resumed step on."""
+        if self.cfg.train.log == "tensorboard":
+            from .tb import TensorBoardLog
+            self.tb = TensorBoardLog(self.out, purge_step=self.step_count)
 
     def _move_old_run_aside(self) -> None:
         moved = run_dir.move_old_run_aside(self.out)
@@ -711,7 +726,10 @@ class _Trainer:
         batch = self._next_examples()
         x0 = batch.x.to(self.device, non_blocking=True)
         u, noise = self.draws([self.images_seen + i for i in self.mine], data.shape)
-        t, w = self.timesteps.from_uniform(u[:, 0])
+        u_t = u[:, 0]
+        if self.cfg.train.stratified_t:
+            u_t = stratify(u_t, torch.as_tensor(self.mine), self.global_batch)
+        t, w = self.timesteps.from_uniform(u_t)
         if self.cfg.data.flip and data.kind == "image":
             x0 = torch.where((u[:, 1] < 0.5)[:, None, None, None], x0.flip(-1), x0)
         y = None
@@ -860,6 +878,8 @@ class _Trainer:
                "overflow": self.overflow_total, "bad_files": self.bad_files,
                **self.window.row(), "fid": "" if fid is None else fid}
         _append_metrics(self.out / "metrics.csv", row)
+        if self.tb is not None:
+            self.tb.row(row)
         self._last_log_time, self._last_log_step = now, self.step_count
         return row
 
@@ -956,6 +976,10 @@ class _Trainer:
                             refresh=False)
         bar.update(1)
 
+    def _log_samples(self, x: torch.Tensor | None) -> None:
+        if self.tb is not None and x is not None:
+            self.tb.samples(x, self.step_count)
+
     def run(self, progress: bool) -> TrainResult:
         tc, cfg = self.cfg.train, self.cfg
         self._wrap_for_training()
@@ -983,8 +1007,9 @@ class _Trainer:
                 if step % tc.checkpoint_every == 0:
                     self.last_ckpt = self.save()
                 if tc.sample_every and step % tc.sample_every == 0:
-                    write_pictures(cfg, self.model, self.ema, self.diffusion, self.data,
-                                   self.out, step=step)
+                    self._log_samples(write_pictures(cfg, self.model, self.ema,
+                                                     self.diffusion, self.data, self.out,
+                                                     step=step))
                     dist.barrier()  # the others wait here, not in the next step's all-reduce
             # Still under _Stop: a SIGTERM arriving during this last save must not cut it short.
             if bar is not None:
@@ -998,8 +1023,10 @@ class _Trainer:
         dist.print0(f"stopped ({stopped}) at step {self.step_count} after {elapsed / 60:.1f} "
                     f"min; checkpoint: {self.last_ckpt}")
         if stopped != "signal":
-            write_pictures(cfg, self.model, self.ema, self.diffusion, self.data, self.out,
-                           step=None)
+            self._log_samples(write_pictures(cfg, self.model, self.ema, self.diffusion,
+                                             self.data, self.out, step=None))
+        if self.tb is not None:
+            self.tb.close()
         dist.barrier()
         return TrainResult(self.out, self.step_count, self.last_ckpt, stopped,
                            float(self.last_loss), elapsed)
@@ -1046,10 +1073,11 @@ class _TrainingFID:
 
 
 def write_pictures(cfg: RunConfig, model: nn.Module, ema: EMA, diffusion: GaussianDiffusion,
-                   data: Dataset, out: Path, step: int | None) -> None:
-    """Sample grid (or 2-D scatter) from the EMA weights, and the loss curve; rank 0 only."""
+                   data: Dataset, out: Path, step: int | None) -> torch.Tensor | None:
+    """Sample grid (or 2-D scatter) from the EMA weights, and the loss curve; rank 0 only.
+    Returns the samples (CPU), None on the other ranks."""
     if not dist.is_main():
-        return
+        return None
     from .. import viz
     from ..sampling import sample
 
@@ -1079,3 +1107,4 @@ def write_pictures(cfg: RunConfig, model: nn.Module, ema: EMA, diffusion: Gaussi
         with contextlib.suppress(Exception):  # a plot must never kill a run
             viz.plot_loss_curve(out / "metrics.csv", out / "loss.png",
                                 panels=("fid",) if cfg.train.fid_every else ())
+    return x.cpu()
