@@ -271,6 +271,11 @@ def test_real_digits_beat_noise_blur_and_shuffled_pixels(clf):
     assert sum(r["class_histogram"]) == r["n"] == 297 and r["n_ref"] == 1500
     assert r["confidence"] > 0.8 and r["nonfinite"] == 0
     assert r == M.real_digit_baseline("train", classifier=clf)
+    # recognisable: the share of samples read with confidence >= 0.9, by its definition
+    for name, x in (("real", real), ("noise", noise)):
+        conf = M._run(clf, M._prepare_digits(x)[0])[1].softmax(1).amax(1)
+        assert q[name]["recognisable"] == pytest.approx(float((conf >= 0.9).double().mean()))
+    assert q["noise"]["recognisable"] < 0.5 < q["real"]["recognisable"]
 
 
 def test_missing_classes_show_up(clf):

@@ -397,6 +397,9 @@ def _prepare_digits(samples: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x, bad
 
 
+RECOGNISABLE = 0.9  # max softmax probability from which a sample counts as a readable digit
+
+
 def digit_features(x: torch.Tensor, classifier: DigitClassifier | None = None) -> torch.Tensor:
     """Classifier features ``[N, 128]`` (float64) of digits ``x`` ``[N, 1, 8, 8]``."""
     classifier = classifier if classifier is not None else load_digit_classifier()
@@ -417,7 +420,8 @@ def digit_quality(samples: torch.Tensor, reference: str = "test",
     Returns floats/ints: ``fd`` (Frechet distance of classifier features), ``kd`` and
     ``kd_std`` (kernel distance, :func:`kernel_distance`), ``class_histogram`` (10 counts
     of predicted classes), ``classes_present`` (classes with >= 2% of the samples),
-    ``confidence`` (mean max softmax probability), ``n``, ``n_ref``, ``reference`` and
+    ``confidence`` (mean max softmax probability), ``recognisable`` (share of samples read
+    with confidence >= :data:`RECOGNISABLE`), ``n``, ``n_ref``, ``reference`` and
     ``nonfinite`` (NaN/inf values replaced before scoring).
 
     FD grows as N shrinks even for perfect samples, so compare FD only at equal N, and
@@ -437,6 +441,7 @@ def digit_quality(samples: torch.Tensor, reference: str = "test",
         "class_histogram": [int(c) for c in hist],
         "classes_present": int((hist >= 0.02 * n).sum()),
         "confidence": float(logits.softmax(1).amax(1).mean()),
+        "recognisable": float((logits.softmax(1).amax(1) >= RECOGNISABLE).float().mean()),
         "n": n,
         "n_ref": int(ref.shape[0]),
         "reference": reference,

@@ -1,0 +1,247 @@
+"""Sample quality and test bound against training time, for each training recipe (issue 14).
+
+    python benchmarks/time_to_quality.py                                   # every recipe, 10 min
+    python benchmarks/time_to_quality.py --recipes baseline min-snr stratified --minutes 5 \
+        --parallel 2 --out-dir benchmarks/results/time_to_quality
+
+What "minutes" means here: CPU minutes of a one-thread training process, read with
+``time.process_time()`` over the training steps alone (model build, checkpoint writes and all
+measuring are outside it). A one-thread process's CPU time barely depends on what else runs
+on the machine, so recipes can train side by side (``--parallel``, one thread each) and a
+shared machine gives the same figures as a quiet one. It is not wall time of the default
+``ddpmkit train``, which uses both cores: the step counts in results.json convert (on a quiet
+2-core machine the default 2-thread run does ~275 steps per wall minute, README).
+
+Every recipe starts from the digits preset (same seed, same data order) and changes one
+thing (RECIPES below). Each training process saves a checkpoint at every ``--every`` CPU
+minutes; after training, the same process measures every checkpoint's EMA weights:
+- ``fd``: Frechet distance of ``--num`` samples (the preset's sampler: DPM-Solver++ 2M, 20
+  calls, seeds 0..num-1) to the 297 test digits, in the features of ddpmkit's digit
+  classifier (ddpmkit.metrics), with the real-digit FD at the same N for reference;
+- ``recognisable``: the share of those samples the classifier reads with confidence >= 0.9;
+- ``bound``: the test negative log-likelihood bound in bits/dim, estimated with ``--bound-t``
+  timesteps per test digit (stratified: one from each of bound_t equal blocks of the T steps,
+  an unbiased estimate of the full sum) instead of all T = 1000 that ``ddpmkit eval`` uses.
+  Every recipe and checkpoint draws the same t and noise (seed 0), so the comparisons are
+  paired; the reported standard error is that of the mean over the 297 digits (it includes
+  how much the digits themselves differ, so it overstates the noise of a comparison).
+Writes results.json, results.md and quality.png (FD, recognisable share and bound against
+minutes, one line per recipe) to --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+RECIPES: dict[str, dict] = {
+    "baseline": {},
+    "min-snr": {"diffusion": {"min_snr_gamma": 5.0}},
+    "stratified": {"train": {"stratified_t": True}},
+    "v-pred": {"diffusion": {"prediction": "v"}},
+    "v-min-snr": {"diffusion": {"prediction": "v", "min_snr_gamma": 5.0}},
+    "ema-short": {"train": {"ema_half_life": 5_000.0}},
+    "no-dropout": {"model": {"dropout": 0.0}},
+    "lr-2e-3": {"train": {"lr": 2e-3}},
+    "batch-64": {"train": {"batch_size": 64}},
+    "small-net": {"model": {"channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1}},
+    "compile": {"train": {"compile": True}},
+    "nll": {"diffusion": {"variance": "learned_range", "loss": "hybrid"}},
+}
+
+
+# ---- one recipe, in its own process ------------------------------------------------------------
+
+def recipe_config(name: str):
+    from ddpmkit import config as C
+    base = C.RUN_PRESETS["digits"]
+    overrides = {s: dict(v) for s, v in RECIPES[name].items()}
+    # no checkpoints but ours, and every one kept
+    overrides.setdefault("train", {}).update(max_steps=0, max_minutes=0.0, keep_checkpoints=1000,
+                                             checkpoint_every=10**9, threads=1)
+    return C.RunConfig.from_dict(overrides, base=base)
+
+
+def train_recipe(name: str, out: Path, minutes: float, every: float) -> list[dict]:
+    """Train for ``minutes`` of training-loop CPU time; a checkpoint at every ``every``."""
+    import torch
+
+    from ddpmkit.runtime import tune_allocator
+    from ddpmkit.train.trainer import _Trainer
+
+    torch.set_num_threads(1)
+    tune_allocator()
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = _Trainer(recipe_config(name), out, time.time())
+    trainer.restore(None, None)
+    trainer._wrap_for_training()
+    marks, cpu, wall = [], 0.0, 0.0
+    next_mark = every
+    while cpu < minutes * 60 - 1e-9:
+        c0, w0 = time.process_time(), time.perf_counter()
+        trainer.step()
+        cpu += time.process_time() - c0
+        wall += time.perf_counter() - w0
+        if cpu >= next_mark * 60 or cpu >= minutes * 60:
+            trainer._check_health()
+            path = trainer.save()  # outside the timed span
+            marks.append({"minutes": round(cpu / 60, 3), "step": trainer.step_count,
+                          "wall_minutes": round(wall / 60, 3), "checkpoint": str(path)})
+            print(json.dumps({"recipe": name, **marks[-1]}), flush=True)
+            next_mark += every
+    return marks
+
+
+def bound_estimate(run, x0, levels: int, k: int, seed: int = 0) -> tuple[float, float]:
+    """Stratified estimate of the test bound (bits/dim) and its standard error: per example,
+    L_T + (T / k) * sum of one L_t from each of k equal blocks of steps (DDPM eq. 5)."""
+    import torch
+
+    diffusion, T = run.diffusion, run.diffusion.num_timesteps
+    if T % k:
+        raise SystemExit(f"--bound-t {k} must divide T = {T}")
+    g = torch.Generator().manual_seed(seed)
+    totals = diffusion.prior_bpd(x0).double()
+    with torch.inference_mode():
+        for s in range(k):
+            t = s * (T // k) + torch.randint(0, T // k, (x0.shape[0],), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            x_t = diffusion.q_sample(x0, t, noise)
+            out = diffusion.call_model(run.model, x_t, t, None)
+            totals += (T / k) * diffusion.vb_terms_bpd(out, x0, x_t, t, levels=levels,
+                                                      clip_denoised=True).double()
+    return float(totals.mean()), float(totals.std() / math.sqrt(len(totals)))
+
+
+def measure_checkpoint(path: str, num: int, bound_t: int) -> dict:
+    from ddpmkit.data import load_data
+    from ddpmkit.load import load
+    from ddpmkit.metrics import digit_quality
+    from ddpmkit.sampling import sample
+
+    run = load(path, device="cpu")
+    sc = run.config.sample
+    x = sample(run.model, run.diffusion, (num, *run.data_shape), method=sc.sampler,
+               steps=sc.steps or None, spacing=sc.spacing, clip_denoised=True, seeds=range(num))
+    q = digit_quality(x)
+    test = load_data(run.config.data, "test")
+    bound, se = bound_estimate(run, test.x.float(), test.levels, bound_t)
+    return {"fd": q["fd"], "kd": q["kd"], "recognisable": q["recognisable"],
+            "confidence": q["confidence"], "bound": bound, "bound_se": se}
+
+
+def worker(args) -> None:
+    out = Path(args.out_dir) / "runs" / args.worker
+    marks = train_recipe(args.worker, out, args.minutes, args.every)
+    rows = []
+    for m in marks:
+        rows.append({"recipe": args.worker, **m,
+                     **measure_checkpoint(m["checkpoint"], args.num, args.bound_t)})
+        print(json.dumps(rows[-1]), flush=True)
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+
+
+# ---- the sweep ---------------------------------------------------------------------------------
+
+def sweep(args) -> list[dict]:
+    """One worker process per recipe, ``--parallel`` at a time, each with one thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    pending, running, rows = list(args.recipes), [], []
+    forward = ["--minutes", str(args.minutes), "--every", str(args.every), "--num",
+               str(args.num), "--bound-t", str(args.bound_t), "--out-dir", args.out_dir]
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            name = pending.pop(0)
+            cmd = [sys.executable, __file__, "--worker", name, *forward]
+            running.append((name, subprocess.Popen(cmd, env=env), os.getloadavg()[0]))
+        time.sleep(1.0)
+        for item in list(running):
+            name, proc, load = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode != 0:
+                raise SystemExit(f"recipe {name} failed (exit {proc.returncode})")
+            got = json.loads((Path(args.out_dir) / "runs" / name / "rows.json").read_text())
+            rows += [{**r, "load_at_start": load} for r in got]
+    return rows
+
+
+def report(rows: list[dict], args) -> None:
+    import torch
+
+    from ddpmkit.metrics import real_digit_baseline
+    out = Path(args.out_dir)
+    real = [real_digit_baseline(n=min(args.num, 1500), seed=s)["fd"] for s in range(3)]
+    meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, "
+            f"{os.cpu_count()} cores", "torch": torch.__version__,
+            "command": " ".join(["python", *sys.argv]), "minutes": "training-loop CPU "
+            "minutes of a 1-thread process (time.process_time, measuring excluded)",
+            "num": args.num, "bound_t": args.bound_t, "real_digits_fd_at_num": real,
+            "recipes": {r: RECIPES[r] for r in args.recipes}}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = ["| recipe | CPU min | step | FD | recognisable | test bound, bits/dim |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['recipe']} | {r['minutes']:.1f} | {r['step']} | {r['fd']:.2f} | "
+                     f"{r['recognisable']:.3f} | {r['bound']:.3f} ± {r['bound_se']:.3f} |")
+    note = (f"{meta['date']}, {meta['machine']}, torch {meta['torch']}; minutes: "
+            f"{meta['minutes']}; FD and recognisable share of {args.num} samples (DPM-Solver++ "
+            f"2M, 20 calls), real digits' FD at that N: {sum(real) / 3:.2f}; bound estimated "
+            f"with {args.bound_t} stratified t per test digit (± one standard error); "
+            f"`{meta['command']}`; 1-min load average at each recipe's start in results.json.")
+    (out / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
+    plot(rows, out / "quality.png", sum(real) / 3)
+    print("\n".join(lines))
+    print(note)
+
+
+def plot(rows: list[dict], path: Path, real_fd: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("fd", f"FD to test digits (real: {real_fd:.2f})"),
+              ("recognisable", "recognisable share (conf. >= 0.9)"),
+              ("bound", "test bound, bits/dim"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for recipe in dict.fromkeys(r["recipe"] for r in rows):
+            pts = [(r["minutes"], r[key]) for r in rows if r["recipe"] == recipe]
+            ax.plot(*zip(*pts, strict=True), marker="o", label=recipe)
+        ax.set_title(title)
+        ax.set_xlabel("training CPU minutes (1 thread)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--minutes", type=float, default=10.0, help="CPU minutes per recipe")
+    p.add_argument("--every", type=float, default=1.0, help="CPU minutes between measurements")
+    p.add_argument("--parallel", type=int, default=2, help="recipes trained at once")
+    p.add_argument("--num", type=int, default=500, help="samples per FD measurement")
+    p.add_argument("--bound-t", type=int, default=100, help="timesteps per test digit")
+    p.add_argument("--out-dir", default="benchmarks/results/time_to_quality")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    report(sweep(args), args)
+
+
+if __name__ == "__main__":
+    main()
