@@ -52,7 +52,7 @@ RECIPES: dict[str, dict] = {
     "no-dropout": {"model": {"dropout": 0.0}},
     "lr-2e-3": {"train": {"lr": 2e-3}},
     "batch-64": {"train": {"batch_size": 64}},
-    "small-net": {"model": {"channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1}},
+    "small-net": {"model": {"channel_mult": [1, 2], "num_res_blocks": 1}},
     "compile": {"train": {"compile": True}},
     "nll": {"diffusion": {"variance": "learned_range", "loss": "hybrid"}},
 }
