@@ -13,7 +13,7 @@ from ddpmkit.errors import ConfigError
 from ddpmkit.losses import min_snr_weight
 from ddpmkit.runtime import threads_for_load
 from ddpmkit.train.timesteps import TimestepSampler, stratify
-from ddpmkit.train.trainer import build_diffusion, train
+from ddpmkit.train.trainer import _Trainer, build_diffusion, train
 
 # ---- min-SNR-gamma ---------------------------------------------------------------------------
 
@@ -159,3 +159,25 @@ def test_tensorboard_log_equals_metrics_csv(tmp_path):
     images = acc.Images("samples")
     assert [e.step for e in images] == [2, 4, 4]  # --sample-every 2, then the last grid
     assert images[0].width > 8 and images[0].height > 8  # a grid, not one digit
+
+
+def test_auto_threads_resume_with_the_runs_own_count(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    cfg = tiny_config(max_steps=2, checkpoint_every=2, threads=2)
+    train(cfg, tmp_path, resume=None, progress=False)
+    assert torch.get_num_threads() == 1  # train() gives the caller's setting back
+    seen = []
+    monkeypatch.setattr(_Trainer, "step", _recording(seen, _Trainer.step))
+    resumed = tiny_config(max_steps=3, checkpoint_every=2, threads=0)
+    train(resumed, tmp_path, resume="auto", progress=False)
+    assert "resuming with the run's 2 thread(s)" in capsys.readouterr().out
+    assert seen == [2]  # the resumed step ran with the run's 2 threads, not auto's 1
+    assert torch.get_num_threads() == 1
+
+
+def _recording(seen, step):
+    def wrapped(self):
+        seen.append(torch.get_num_threads())
+        return step(self)
+    return wrapped

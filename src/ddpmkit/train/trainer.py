@@ -650,6 +650,15 @@ class _Trainer:
         self.window.load(state.get("log_window"))
         self._saved_world = (_count(state, "world_size", 1),
                              _count(state, "global_batch", 0) or "?")
+        self._keep_threads(_count(state, "threads", 0))
+
+    def _keep_threads(self, saved: int) -> None:
+        """--threads 0 (auto) on a resume: the run's own thread count, not today's load's, so
+        the CPU results continue bit-identically (the count changes float rounding)."""
+        if self.cfg.train.threads == 0 and saved and saved != torch.get_num_threads() \
+                and not os.environ.get("OMP_NUM_THREADS"):
+            dist.print0(f"resuming with the run's {saved} thread(s) (--threads N to change)")
+            torch.set_num_threads(min(saved, os.cpu_count() or saved))
 
     def _tidy_run_dir(self, step: int, own: bool) -> None:
         """Move aside what the resumed checkpoint makes stale (never delete it): run_dir.py."""
@@ -914,7 +923,7 @@ class _Trainer:
             state = {"optimizer": opt_meta, "images_seen": self.images_seen, "data": data_state,
                      "skipped": self.skipped_total, "overflow": self.overflow_total,
                      "world_size": self.world, "global_batch": self.global_batch,
-                     "log_window": self.window.state()}
+                     "log_window": self.window.state(), "threads": torch.get_num_threads()}
             if self.scaler.is_enabled():
                 state["grad_scaler"] = self.scaler.state_dict()
             path = save_checkpoint(self.out, step, self.model.state_dict(),
