@@ -181,3 +181,12 @@ def _recording(seen, step):
         seen.append(torch.get_num_threads())
         return step(self)
     return wrapped
+
+
+def test_tensorboard_missing_is_a_one_line_error(tmp_path, monkeypatch):
+    import sys
+
+    from ddpmkit.train.tb import TensorBoardLog
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(ConfigError, match=r"ddpmkit\[tensorboard\]"):
+        TensorBoardLog(tmp_path)
