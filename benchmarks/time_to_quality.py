@@ -122,9 +122,8 @@ def bound_estimate(run, x0, levels: int, k: int, seed: int = 0) -> tuple[float, 
 
 
 def measure_checkpoint(path: str, num: int, bound_t: int) -> dict:
-    from ddpmkit.load import load
-
     from ddpmkit.data import load_data
+    from ddpmkit.loading import load
     from ddpmkit.metrics import digit_quality
     from ddpmkit.sampling import sample
 
