@@ -493,23 +493,8 @@ def fmt_row(cells, widths):
                      for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args._worker:
-        worker_main(json.loads(args._worker))
-        return
-    t_start = time.perf_counter()
-
-    def note(msg: str) -> None:
-        print(f"# [{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    threads = args.threads or all_cores()
-    torch.set_num_threads(threads)
-    set_tf32(args.tf32)
-    libs = import_diffusers()
-    setup_args = dict(batch=args.batch, channels_last=args.channels_last, bf16=args.bf16,
-                      compile=args.compile)
+def choose_contenders(args: argparse.Namespace) -> list[str]:
+    """ddpmkit first, then the others asked for (minus those this platform cannot run)."""
     chosen = ["ddpmkit"] + [c for c in (args.contenders or DEFAULT_CONTENDERS)
                             if c != "ddpmkit"]
     if args.no_tuned_diffusers:
@@ -519,7 +504,11 @@ def main(argv=None) -> None:
     contenders = list(dict.fromkeys(chosen))
     if len(contenders) < 2:
         sys.exit("speed.py: nothing to compare ddpmkit with")
+    return contenders
 
+
+def describe_run(args, device: torch.device, threads: int, libs, contenders) -> tuple[dict, dict]:
+    """The machine and the configuration, printed as a header and returned for the JSON."""
     machine = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         cpu=cpu_model(), cores=all_cores(), threads=threads, device=str(device),
@@ -539,8 +528,11 @@ def main(argv=None) -> None:
           + (", TF32 matmuls+convs" if args.tf32 and device.type == "cuda" else "")
           + (", channels_last" if args.channels_last else "")
           + (", torch.compile" if args.compile else ""), flush=True)
+    return machine, config
 
-    # Same weights in both; check that they compute the same function.
+
+def check_networks() -> tuple[dict, dict]:
+    """Same weights in both networks: that they compute the same function, and their FLOPs."""
     ours_cpu = build_ours()
     theirs_cpu = diffusers_twin(ours_cpu)
     assert count_parameters(ours_cpu) == count_parameters(theirs_cpu) == 35_746_307
@@ -554,23 +546,22 @@ def main(argv=None) -> None:
     print(f"# outputs agree: max |ours - diffusers| = {agree['max_abs_diff']:.2e} "
           f"(outputs up to {agree['max_abs_output']:.2f}), 35,746,307 parameters each",
           flush=True)
-
     # Model FLOPs on the reference network (diffusers: upsample + 3x3 conv); ours executes
     # fewer (its CPU upsample folds the conv, see docs/speed.md).
     ref_fwd, ref_train = count_flops(network_call("diffusers", theirs_cpu), theirs_cpu)
     our_fwd, our_train = count_flops(ours_cpu, ours_cpu)
-    del ours_cpu, theirs_cpu
-    note("FLOPs counted")
     flops = dict(forward_gflop_per_image=ref_fwd / 1e9, train_gflop_per_image=ref_train / 1e9,
                  ddpmkit_executed_forward_gflop=our_fwd / 1e9,
                  ddpmkit_executed_train_gflop=our_train / 1e9)
+    return agree, flops
 
-    ceiling = machine_ceiling(device, reps=3 if args.quick else 5, bf16=args.bf16)
-    ceilings = [ceiling]
-    note(f"ceiling GFLOP/s (start): {ceiling}")
 
-    # One worker at a time builds and measures its peak memory (alone on the machine),
-    # then all are timed in turn.
+def measure(args, device: torch.device, threads: int, contenders: list[str], ceilings: list,
+            note) -> dict:
+    """One worker at a time builds and measures its peak memory (alone on the machine), then
+    all are timed in turn: train, forward, bits/dim; the machine's ceiling between phases."""
+    setup_args = dict(batch=args.batch, channels_last=args.channels_last, bf16=args.bf16,
+                      compile=args.compile)
     workers, ready = [], {}
     try:
         for name in contenders:
@@ -605,16 +596,12 @@ def main(argv=None) -> None:
     finally:
         for w in workers:
             w.close()
-    machine["load_average_end"] = load_average()
-    ceilings.append(machine_ceiling(device, reps=3 if args.quick else 5, bf16=args.bf16))
-    ceiling = {k: max(c[k] for c in ceilings) for k in ceiling}
+    return results
 
-    # ---- table ----
-    ceil = ceiling["ceiling"]
-    header = ["contender", "train img/s", "fwd img/s", "train GFLOP/s", "fwd GFLOP/s",
-              "train %ceil", "fwd %ceil", "train peak MB", "bpd img/s"]
-    widths = [max(len(h), 10) for h in header]
-    widths[0] = max(len(LABELS[c]) for c in contenders) + 6
+
+def summary_rows(contenders: list[str], results: dict, flops: dict, ceil: float
+                 ) -> tuple[dict, dict, list[list[str]]]:
+    """Per contender: img/s, GFLOP/s, share of the ceiling, memory; then ours / each other."""
     rows, summary = [], {}
     for k in contenders:
         tr, fw = results["train"][k]["img_s"], results["forward"][k]["img_s"]
@@ -643,6 +630,15 @@ def main(argv=None) -> None:
                      "", "", "", "",
                      f"{r['train_peak_memory']:.2f}x" if "train_peak_memory" in r else "-",
                      f"{r['bits_per_dim']:.3f}x" if "bits_per_dim" in r else "-"])
+    return summary, ratios, rows
+
+
+def print_report(contenders, results, flops, ceiling, ceilings, machine, rows) -> None:
+    """The table, then the lines that say how its figures were made."""
+    header = ["contender", "train img/s", "fwd img/s", "train GFLOP/s", "fwd GFLOP/s",
+              "train %ceil", "fwd %ceil", "train peak MB", "bpd img/s"]
+    widths = [max(len(h), 10) for h in header]
+    widths[0] = max(len(LABELS[c]) for c in contenders) + 6
     print()
     print(fmt_row(header, widths))
     for r in rows:
@@ -660,7 +656,7 @@ def main(argv=None) -> None:
                       f"{r['ratio_median_of_rounds']:.3f}, ratio of medians "
                       f"{r['ratio_of_medians']:.3f}, ratio of best rounds {r['ratio_of_best']:.3f}")
     print(f"# ceiling (best of {len(ceilings)} measurements: start, between phases, end) "
-          f"{ceil:.0f} GFLOP/s: {ceiling}")
+          f"{ceiling['ceiling']:.0f} GFLOP/s: {ceiling}")
     print(f"# ratios are medians of per-round ratios (speed: >1 means ddpmkit faster; memory: "
           f"ddpmkit's rise / the other's); medians of rounds -> img/s; load avg "
           f"{machine['load_average_start']} -> {machine['load_average_end']}")
@@ -668,6 +664,38 @@ def main(argv=None) -> None:
         fm = results["memory"]["forward"]
         print("# forward peak rise MB: " + ", ".join(
             f"{LABELS[k]} {fm[k]['rise_mb']:.0f}" for k in contenders))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args._worker:
+        worker_main(json.loads(args._worker))
+        return
+    t_start = time.perf_counter()
+
+    def note(msg: str) -> None:
+        print(f"# [{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    threads = args.threads or all_cores()
+    torch.set_num_threads(threads)
+    set_tf32(args.tf32)
+    libs = import_diffusers()
+    contenders = choose_contenders(args)
+    machine, config = describe_run(args, device, threads, libs, contenders)
+    agree, flops = check_networks()
+    note("FLOPs counted")
+
+    reps = 3 if args.quick else 5
+    ceilings = [machine_ceiling(device, reps=reps, bf16=args.bf16)]
+    note(f"ceiling GFLOP/s (start): {ceilings[0]}")
+    results = measure(args, device, threads, contenders, ceilings, note)
+    machine["load_average_end"] = load_average()
+    ceilings.append(machine_ceiling(device, reps=reps, bf16=args.bf16))
+    ceiling = {k: max(c[k] for c in ceilings) for k in ceilings[0]}
+
+    summary, ratios, rows = summary_rows(contenders, results, flops, ceiling["ceiling"])
+    print_report(contenders, results, flops, ceiling, ceilings, machine, rows)
     print(json.dumps(dict(machine=machine, config=config, agreement=agree, flops=flops,
                           ceiling_gflop_s=ceiling, summary=summary, ratios=ratios,
                           results=results)))

@@ -40,12 +40,20 @@ def test_grad_checkpointing_benchmark_runs_on_a_tiny_net():
 @pytest.mark.slow  # a few seconds alone; its workers crawl on a busy machine
 def test_data_benchmark_runs_briefly():
     out = subprocess.run([sys.executable, str(BENCH / "data.py"), "--seconds", "0.2",
-                          "--npy-images", "300", "--jpeg-images", "12", "--workers", "0,1"],
+                          "--npy-images", "300", "--jpeg-images", "12", "--workers", "0,1",
+                          "--cifar-steps", "1", "--cifar-threads", "1"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [ln for ln in out.stdout.splitlines() if "images/s" in ln]
-    assert len(rows) == 5 and all(float(r.split(":")[1].split()[0].replace(",", "")) > 0
-                                  for r in rows), out.stdout
+    lines = out.stdout.splitlines()
+
+    def rate(line: str) -> float:
+        return float(line.split(":")[1].split()[0].replace(",", ""))
+
+    pipeline = [ln for ln in lines if " workers " in ln and "images/s" in ln]
+    assert len(pipeline) == 6 and all(rate(r) > 0 for r in pipeline), out.stdout  # 3 x 2
+    others = [ln for ln in lines if ln.startswith(("PIL raw", "CIFAR-10 net"))]
+    assert len(others) == 2 and all(rate(r) > 0 for r in others), out.stdout
+    assert any(ln.startswith("an 8-accelerator node needs 2,688 images/s") for ln in lines)
 
 
 def test_every_time_to_quality_recipe_is_a_valid_one_change_config():
