@@ -3,6 +3,7 @@ the load, the step-budget presets and TensorBoard logging."""
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,6 +109,38 @@ def test_threads_follow_the_load(monkeypatch):
     assert threads_for_load(1, 0.0) == 1      # never more than the caller had
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert threads_for_load(16, 5.6) == 10
+
+
+def test_busy_cores_from_proc_stat_and_the_fallback(monkeypatch):
+    from ddpmkit import runtime
+    readings = iter([(1000, 600, 2), (1100, 650, 2)])  # 100 jiffies, 50 idle, on 2 CPUs
+    monkeypatch.setattr(runtime, "_cpu_times", lambda: next(readings))
+    assert runtime.busy_cores(0.0) == (1.0, "measured over 0 s")
+
+    def unreadable():
+        raise OSError("no /proc")
+    monkeypatch.setattr(runtime, "_cpu_times", unreadable)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (1.7, 1.0, 0.5))
+    assert runtime.busy_cores(0.0) == (1.7, "1-minute load average")
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="Linux /proc only")
+def test_busy_cores_sees_a_busy_process_now():
+    """A competitor that started a moment ago counts (the 1-minute load average would still
+    be near 0); at least most of one core, whatever else runs."""
+    import subprocess
+    import sys
+    import time
+
+    from ddpmkit.runtime import busy_cores
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy, how = busy_cores(0.5)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert how == "measured over 0.5 s" and busy >= 0.7, busy
 
 
 def test_threads_setting_is_validated():

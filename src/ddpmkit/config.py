@@ -248,8 +248,8 @@ class TrainConfig:
         "stop after this much wall time (0: no limit); a clock budget trains a different "
         "model on every machine and load: prefer max_steps"))
     threads: int = field(default=0, metadata=_help(
-        "CPU threads of the training process (0: auto, the free cores by the 1-minute load "
-        "average, with a note when that is fewer than the cores)"))
+        "CPU threads of the training process (0: auto, the cores that other programs leave "
+        "free at start, measured over 0.3 s; a note when that is fewer than the cores)"))
     grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm (0: off)"))
     grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
     ema_half_life: float = field(default=50_000.0, metadata=_help(

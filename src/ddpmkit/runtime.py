@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import time
 
 __all__ = ["tune_allocator", "set_tf32", "threads_for_load", "choose_threads",
            "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
@@ -82,7 +83,8 @@ def set_tf32(enabled: bool = True) -> None:
 
 
 def threads_for_load(threads_now: int, load_1min: float) -> int:
-    """Threads to train with when other programs keep ``load_1min`` cores busy: the cores left
+    """Threads to train with when other programs keep ``load_1min`` cores busy (a load figure:
+    :func:`busy_cores`): the cores left
     free (at least 1), never more than ``threads_now`` (PyTorch's default, one per core).
 
     Why: PyTorch's intra-op threads split every operation and wait for each other at its end.
@@ -95,8 +97,9 @@ def threads_for_load(threads_now: int, load_1min: float) -> int:
 
 
 def choose_threads(requested: int = 0) -> tuple[int, str | None]:
-    """Set this process's torch threads: ``requested`` (> 0), or by the 1-minute load average
-    (0: :func:`threads_for_load`). Returns the count and a note for the user (None if none).
+    """Set this process's torch threads: ``requested`` (> 0), or by how many cores other
+    programs keep busy now (0: :func:`busy_cores`, :func:`threads_for_load`). Returns the
+    count and a note for the user (None if none).
 
     Call before the first training step; ``OMP_NUM_THREADS`` set in the environment is taken
     as the user's choice (auto leaves it alone).
@@ -107,13 +110,48 @@ def choose_threads(requested: int = 0) -> tuple[int, str | None]:
     if requested > 0:
         torch.set_num_threads(requested)
         return requested, None
-    if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg"):
+    if os.environ.get("OMP_NUM_THREADS"):
         return now, None
-    load = os.getloadavg()[0]
-    n = threads_for_load(now, load)
+    busy, how = busy_cores()
+    if busy is None:
+        return now, None
+    n = threads_for_load(now, busy)
     if n >= now:
         return now, None
     torch.set_num_threads(n)
-    return n, (f"note: the 1-minute load average is {load:.1f} on {os.cpu_count()} cores: "
+    return n, (f"note: other programs keep {busy:.1f} of {os.cpu_count()} cores busy ({how}): "
                f"training with {n} thread(s) instead of {now}, which a busy core slows much "
                "less (--threads N to choose)")
+
+
+def busy_cores(window_s: float = 0.3) -> tuple[float | None, str]:
+    """How many cores other programs keep busy *now*, and how that was measured.
+
+    Linux: the share of non-idle time in ``/proc/stat`` over ``window_s`` seconds (while this
+    process sleeps), times the number of CPUs. Elsewhere: the 1-minute load average. The load
+    average lags by about a minute both ways: right after a benchmark or a build it still
+    says a core is taken although the machine is quiet, and it would cost the next training
+    run half its speed.
+    """
+    try:
+        before = _cpu_times()
+        time.sleep(window_s)
+        after = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        before = after = None
+    if before is not None and after is not None and after[0] > before[0]:
+        total, idle = after[0] - before[0], after[1] - before[1]
+        return (1.0 - idle / total) * before[2], f"measured over {window_s:g} s"
+    if hasattr(os, "getloadavg"):
+        return os.getloadavg()[0], "1-minute load average"
+    return None, ""
+
+
+def _cpu_times() -> tuple[int, int, int]:
+    """(all jiffies, idle + iowait jiffies, CPU count) from /proc/stat."""
+    with open("/proc/stat") as f:
+        lines = f.read().splitlines()
+    fields = [int(v) for v in lines[0].split()[1:]]
+    cpus = sum(1 for ln in lines[1:] if ln.startswith("cpu") and ln[3:4].isdigit())
+    # user nice system idle iowait irq softirq steal (guest time is already inside user)
+    return sum(fields[:8]), fields[3] + fields[4], cpus
