@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from ddpmkit.config import DataConfig
-from ddpmkit.data import Loader, load_data, rank_rows
+from ddpmkit.data import Batch, Loader, load_data, rank_rows
 
 BATCH = 128
 
@@ -136,15 +136,16 @@ def reader_rates(paths: list[str]) -> dict[str, float]:
 
 
 def pipeline_rate(data, workers: int, seconds: float) -> float:
-    """Images/s of Loader.next() plus a random flip, after one warm-up batch."""
+    """Images/s of Loader.next() plus a random flip and the conversion to float, as the
+    trainer does them (flip on the batch as read, then to float), after one warm-up batch."""
     loader = Loader(data, 0, 0, BATCH, rank_rows(0, 1, BATCH, 1), workers=workers)
     gen = torch.Generator().manual_seed(0)
     loader.next()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        x = loader.next().x
+        x = loader.next().data
         coin = torch.rand(len(x), generator=gen) < 0.5
-        torch.where(coin[:, None, None, None], x.flip(-1), x)
+        Batch.to_float(torch.where(coin[:, None, None, None], x.flip(-1), x))
         n += len(x)
     rate = n / (time.perf_counter() - t0)
     loader.close()

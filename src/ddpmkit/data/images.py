@@ -146,7 +146,8 @@ def decoded_8bit(img: Image.Image) -> np.ndarray:
         a = rgba[..., 3:]
         rgb = ((rgba[..., :3] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
         return rgb[..., 0] if grey else rgb
-    return np.asarray(img.convert("L" if grey else "RGB"))
+    mode = "L" if grey else "RGB"
+    return np.asarray(img if img.mode == mode else img.convert(mode))
 
 
 def decode(src: Path | IO[bytes], size: int, channels: int) -> np.ndarray:
@@ -161,8 +162,8 @@ def decode(src: Path | IO[bytes], size: int, channels: int) -> np.ndarray:
             # and the short side stays >= size.
             img.draft(None, (size, size))
         img.load()
-        try:
-            img = ImageOps.exif_transpose(img)  # camera orientation, as viewers show it
+        try:  # camera orientation, as viewers show it (in place: no copy when upright)
+            ImageOps.exif_transpose(img, in_place=True)
         except Exception:  # a broken EXIF block should not lose a decodable image
             pass
         arr = decoded_8bit(img)

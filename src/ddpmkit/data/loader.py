@@ -82,15 +82,29 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 class Batch:
     """This rank's examples of one global batch.
 
-    ``x``: float32 in [-1, 1], ``[B, C, H, W]`` (or ``[B, 2]`` points); ``y``: int64 ``[B]``
-    classes, -1 where the source has none; ``keys``: each example's name (when asked for);
-    ``bad``: ``(where, reason)`` of each unreadable image met (and replaced) on the way.
+    ``data``: the examples as read: uint8 ``[B, C, H, W]`` (0..255) from file sources,
+    float32 in [-1, 1] from in-memory sets (``[B, C, H, W]``, or ``[B, 2]`` points); ``x``:
+    the same as float32 in [-1, 1]. ``y``: int64 ``[B]`` classes, -1 where the source has
+    none; ``keys``: each example's name (when asked for); ``bad``: ``(where, reason)`` of each
+    unreadable image met (and replaced) on the way.
+
+    The trainer moves ``data`` to the device, flips it and only then converts (:meth:`to_float`):
+    a quarter of the bytes to copy and flip, and on a GPU the conversion runs there.
     """
 
-    x: torch.Tensor
+    data: torch.Tensor
     y: torch.Tensor
     keys: list[str] | None
     bad: list[tuple[str, str]]
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.to_float(self.data)
+
+    @staticmethod
+    def to_float(data: torch.Tensor) -> torch.Tensor:
+        """``data`` (uint8 or float, any device) -> float32 in [-1, 1]."""
+        return u8_to_float(data) if data.dtype == torch.uint8 else data
 
 
 def default_workers(data: Dataset) -> int:
@@ -220,7 +234,7 @@ class Loader:
             self._report(bad, failed=u8 is None)
             if cursor and self.stream is not None:
                 self.stream.advance(*cursor[0])
-            batch = Batch(u8_to_float(u8), y, keys if self.want_keys else None, bad)
+            batch = Batch(u8, y, keys if self.want_keys else None, bad)
         self.pos += self.global_batch
         return batch
 
