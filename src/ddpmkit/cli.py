@@ -121,7 +121,8 @@ def _data_config(run, name: str | None) -> C.DataConfig:
         return C.section_from_dict(C.DataConfig, {"name": name}, base=run.config.data)
     if not run.config.data.name:
         raise ConfigError(f"{run.path} is a {run.source} model and names no data set: pass "
-                          "--data (an image folder or a .npy/.npz array)")
+                          "--data (an image folder, a .npy/.npz array, tar shards or a "
+                          "Hugging Face datasets folder)")
     return run.config.data
 
 
