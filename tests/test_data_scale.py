@@ -189,12 +189,11 @@ def _keys_by_step(log: Path) -> dict[int, str]:
     return out
 
 
-@pytest.mark.slow  # ~15 s alone, ~60 s on a busy machine; the loader tests above are fast
-def test_sigkill_and_resume_with_other_workers_trains_on_the_same_examples(tmp_path):
-    """A straight run (2 workers) and one SIGKILLed after step 4 (mid-epoch) and resumed
-    with no workers log the same keys for every step."""
-    data = _class_folder(tmp_path / "imgs", n=30, size=8)
-    steps = 12  # 48 examples: more than the 29-example epoch
+def straight_and_killed_keys(tmp_path: Path, data: str, kill_after: int, again: int,
+                             steps: int = 12) -> tuple[dict[int, str], dict[int, str]]:
+    """Example keys per step of a run SIGKILLed once checkpoint ``kill_after`` exists and
+    resumed with ``again`` workers, and of a straight run (2 workers each at first), started
+    side by side: ``(resumed, straight)``."""
     ref = subprocess.Popen(_train_cmd(tmp_path / "ref", data, 2, steps), cwd=tmp_path,
                            env=_env(DDPMKIT_KEY_LOG=str(tmp_path / "ref.keys")),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -203,17 +202,26 @@ def test_sigkill_and_resume_with_other_workers_trains_on_the_same_examples(tmp_p
                            env=_env(DDPMKIT_KEY_LOG=str(log)),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (run / "checkpoints" / "step-0000004").is_dir():  # mid-epoch (16 of 29)
+    while not (run / "checkpoints" / f"step-{kill_after:07d}").is_dir():
         assert leg.poll() is None and time.monotonic() < deadline, "first leg did not get far"
         time.sleep(0.05)
     leg.send_signal(signal.SIGKILL)
     leg.wait(timeout=30)
-    resumed = subprocess.run(_train_cmd(run, data, 0, steps), cwd=tmp_path,
+    resumed = subprocess.run(_train_cmd(run, data, again, steps), cwd=tmp_path,
                              env=_env(DDPMKIT_KEY_LOG=str(log)), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
-    got, want = _keys_by_step(log), _keys_by_step(tmp_path / "ref.keys")
+    return _keys_by_step(log), _keys_by_step(tmp_path / "ref.keys")
+
+
+@pytest.mark.slow  # ~15 s alone, ~60 s on a busy machine; the loader tests above are fast
+def test_sigkill_and_resume_with_other_workers_trains_on_the_same_examples(tmp_path):
+    """A straight run (2 workers) and one SIGKILLed after step 4 (mid-epoch: 16 of 29) and
+    resumed with no workers log the same keys for every step."""
+    data = _class_folder(tmp_path / "imgs", n=30, size=8)
+    steps = 12  # 48 examples: more than the 29-example epoch
+    got, want = straight_and_killed_keys(tmp_path, str(data), 4, 0, steps)
     assert sorted(want) == list(range(1, steps + 1))
     assert got == want
     first_epoch = "\t".join(want[s] for s in range(1, 9)).split("\t")[:29]

@@ -322,34 +322,12 @@ def test_prepare_shards_round_trip_keeps_images_labels_and_split(tmp_path, capsy
 def test_sigkill_and_resume_over_shards_trains_on_the_same_examples(tmp_path, kind):
     """A straight run and one SIGKILLed mid-epoch and resumed log the same keys for every
     step: local shards resumed with other workers (2 -> 0), pipe: shards with the same (2)."""
-    import signal
-    import subprocess
-    import time
-
-    from test_data_scale import _env, _keys_by_step, _train_cmd
+    from test_data_scale import straight_and_killed_keys
     make_shards(tmp_path / "s", 3, 10)
     spec = str(tmp_path / "s" / "train-{000..002}.tar")
     spec, again = (spec, 0) if kind == "local" else (f"pipe:cat {spec}", 2)
     steps = 12  # 48 examples: more than an epoch of 30
-    ref = subprocess.Popen(_train_cmd(tmp_path / "ref", spec, 2, steps), cwd=tmp_path,
-                           env=_env(DDPMKIT_KEY_LOG=str(tmp_path / "ref.keys")),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    run, log = tmp_path / "run", tmp_path / "run.keys"
-    leg = subprocess.Popen(_train_cmd(run, spec, 2, steps), cwd=tmp_path,
-                           env=_env(DDPMKIT_KEY_LOG=str(log)),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (run / "checkpoints" / "step-0000005").is_dir():  # 20 of 30: mid-epoch
-        assert leg.poll() is None and time.monotonic() < deadline, "first leg did not get far"
-        time.sleep(0.05)
-    leg.send_signal(signal.SIGKILL)
-    leg.wait(timeout=30)
-    resumed = subprocess.run(_train_cmd(run, spec, again, steps), cwd=tmp_path,
-                             env=_env(DDPMKIT_KEY_LOG=str(log)), capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
-    got, want = _keys_by_step(log), _keys_by_step(tmp_path / "ref.keys")
+    got, want = straight_and_killed_keys(tmp_path, spec, 5, again, steps)  # 20 of 30: mid-epoch
     assert sorted(want) == list(range(1, steps + 1)) and got == want
 
 
