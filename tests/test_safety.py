@@ -596,7 +596,7 @@ def test_ctrl_c_in_the_first_second_exits_130_without_a_traceback(tmp_path):
     argv = ["train", "--out", str(tmp_path / "run"), "--max-steps", "1", *STEP_FLAGS]
     code = ("import sys; from ddpmkit.console import main; print('up', flush=True); "
             f"sys.exit(main({argv!r}))")
-    for delay in (0.0, 0.05, 0.2, 0.6):
+    for delay in (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.6):
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=tmp_path,
                                 env=dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1"))
