@@ -110,8 +110,8 @@ def choose_threads(requested: int = 0) -> tuple[int, str | None]:
     if requested > 0:
         torch.set_num_threads(requested)
         return requested, None
-    if os.environ.get("OMP_NUM_THREADS"):
-        return now, None
+    if os.environ.get("OMP_NUM_THREADS") or now <= 1:  # one thread cannot drop further:
+        return now, None                                 # no need to spend 0.3 s measuring
     busy, how = busy_cores()
     if busy is None:
         return now, None
