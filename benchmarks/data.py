@@ -36,6 +36,7 @@ from PIL import Image
 
 from ddpmkit.config import DataConfig
 from ddpmkit.data import Batch, Loader, load_data, rank_rows
+from ddpmkit.runtime import tune_allocator
 
 BATCH = 128
 
@@ -137,7 +138,7 @@ def reader_rates(paths: list[str]) -> dict[str, float]:
 
 def pipeline_rate(data, workers: int, seconds: float) -> float:
     """Images/s of Loader.next() plus a random flip and the conversion to float, as the
-    trainer does them (flip on the batch as read, then to float), after one warm-up batch."""
+    trainer does them (``Batch.to_float(data, mirror)``), after one warm-up batch."""
     loader = Loader(data, 0, 0, BATCH, rank_rows(0, 1, BATCH, 1), workers=workers)
     gen = torch.Generator().manual_seed(0)
     loader.next()
@@ -145,7 +146,7 @@ def pipeline_rate(data, workers: int, seconds: float) -> float:
     while time.perf_counter() - t0 < seconds:
         x = loader.next().data
         coin = torch.rand(len(x), generator=gen) < 0.5
-        Batch.to_float(torch.where(coin[:, None, None, None], x.flip(-1), x))
+        Batch.to_float(x, coin)
         n += len(x)
     rate = n / (time.perf_counter() - t0)
     loader.close()
@@ -211,6 +212,7 @@ def main() -> None:
                    help="torch threads for the network's steps (0: all cores)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    tune_allocator()  # as `ddpmkit train` does: a fresh 100 MB float batch costs page faults
     workers = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ddpmkit.config import POINT_SETS, DataConfig
 from ddpmkit.data import (
+    Batch,
     Dataset,
     DataWarning,
     load_data,
@@ -26,6 +27,7 @@ from ddpmkit.data import (
     sample_points,
     to_uint8,
 )
+from ddpmkit.data.loader import batch_chw
 from ddpmkit.errors import DataError
 
 
@@ -473,6 +475,31 @@ def test_random_flip():
     assert 16 < flipped.sum() < 48
     assert torch.equal(y, random_flip(x, torch.Generator().manual_seed(0)))
     assert not torch.equal(y, random_flip(x, torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4, 6), (5, 3, 80, 72), (5, 1, 128, 130)])
+def test_to_float_mirrors_exactly_the_chosen_rows(shape):
+    # small images go batched, large ones row by row (>= 2**14 values): both are exact
+    u8 = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    before = u8.clone()
+    mirror = torch.tensor([True, False, False, True, True])
+    ref = torch.where(mirror[:, None, None, None], u8.flip(-1), u8).float() / 127.5 - 1
+    out = Batch.to_float(u8, mirror)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert torch.equal(out, ref)
+    assert torch.equal(u8, before)  # the batch as read is left alone
+    assert torch.equal(Batch.to_float(u8), u8.float() / 127.5 - 1)
+    f = Batch.to_float(u8)  # float data (in-memory sets): only the mirroring
+    assert torch.equal(Batch.to_float(f, mirror), ref)
+    assert Batch.to_float(f) is f
+
+
+def test_batch_chw_is_the_transposed_stack():
+    imgs = [np.random.default_rng(i).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+            for i in range(3)]
+    out = batch_chw(imgs)
+    assert out.dtype == torch.uint8 and out.is_contiguous()
+    assert np.array_equal(out.numpy(), np.stack(imgs).transpose(0, 3, 1, 2))
 
 
 # ---- property tests: bad input is a DataError, never anything else -----------------------

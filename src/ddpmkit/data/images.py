@@ -169,7 +169,7 @@ def decode(src: Path | IO[bytes], size: int, channels: int) -> np.ndarray:
         arr = decoded_8bit(img)
     if channels == 1 and arr.ndim == 3:
         arr = luma(arr)
-    if size:
+    if size and arr.shape[:2] != (size, size):  # (a round trip through PIL is 2 copies)
         arr = np.asarray(resize_crop(Image.fromarray(arr), size))
         if arr.shape[:2] != (size, size):  # pragma: no cover - defensive
             raise ValueError(f"decoded to {arr.shape[1]}x{arr.shape[0]}, expected "
@@ -189,8 +189,28 @@ def reason(e: BaseException) -> str:
 
 # ---- the 256-level grid, both ways -----------------------------------------------------------
 
-def u8_to_float(u8: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[N, C, H, W]`` -> float32 with ``k -> k / 127.5 - 1`` (the 256-level grid)."""
+# Rows of at least this many values are converted one at a time on the CPU (below).
+_ROW_AT_A_TIME = 1 << 14
+
+
+def u8_to_float(u8: torch.Tensor, mirror: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` -> float32 with ``k -> k / 127.5 - 1`` (the 256-level grid),
+    the rows where ``mirror`` (bool ``[N]``) is True mirrored left-right on the way.
+
+    Large images on the CPU go one at a time, flip, conversion and scaling while the image
+    is in cache: for 256x256 RGB batches of 128 that is ~3x faster than flipping the batch
+    and then converting it in whole-batch passes (each pass over 100 MB runs from memory),
+    the same at 64x64 and slower for smaller images, which stay batched.
+    """
+    if u8.device.type == "cpu" and u8.ndim == 4 and u8[0].numel() >= _ROW_AT_A_TIME:
+        out = torch.empty(u8.shape, dtype=torch.float32)
+        flips = mirror.tolist() if mirror is not None else [False] * len(u8)
+        for row, src, flip in zip(out, u8, flips, strict=True):
+            row.copy_(src.flip(-1) if flip else src)
+            row.div_(127.5).sub_(1.0)
+        return out
+    if mirror is not None:
+        u8 = torch.where(mirror[:, None, None, None], u8.flip(-1), u8)
     x = u8.to(torch.float32, memory_format=torch.contiguous_format)
     return x.div_(127.5).sub_(1.0)
 

@@ -51,6 +51,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError
 from . import images
+from .loader import batch_chw
 from .shards import (
     IMAGE_MEMBERS,
     CheckedInfo,
@@ -280,8 +281,7 @@ class StreamBatches(IterableDataset):
 
 
 def _stack(items: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    u8 = np.stack([img for img, _, _ in items]).transpose(0, 3, 1, 2)
-    return (torch.from_numpy(np.ascontiguousarray(u8)),
+    return (batch_chw([img for img, _, _ in items]),
             torch.tensor([y for _, y, _ in items], dtype=torch.int64), [k for _, _, k in items])
 
 

@@ -739,9 +739,8 @@ class _Trainer:
         if self.cfg.train.stratified_t:
             u_t = stratify(u_t, torch.as_tensor(self.mine), self.global_batch)
         t, w = self.timesteps.from_uniform(u_t)
-        if self.cfg.data.flip and data.kind == "image":  # on uint8 (flip commutes with it)
-            x0 = torch.where((u[:, 1] < 0.5)[:, None, None, None], x0.flip(-1), x0)
-        x0 = Batch.to_float(x0)
+        mirror = u[:, 1] < 0.5 if self.cfg.data.flip and data.kind == "image" else None
+        x0 = Batch.to_float(x0, mirror)
         y = None
         if self.labels is not None:
             stream = [self.images_seen + i for i in self.mine]
