@@ -67,6 +67,7 @@ TRAIN = "tests/test_train.py"
 DATA = "tests/test_data.py"
 SHARDS = "tests/test_shards.py"
 INTEROP = "tests/test_interop.py"
+RECIPES = "tests/test_recipes.py"
 
 MUTANTS: list[Mutant] = [
     # ---- schedules ----------------------------------------------------------------------
@@ -431,8 +432,8 @@ MUTANTS: list[Mutant] = [
       "label = parse_cls(b'0')", SHARDS, "local shards' .cls labels are all read as class 0"),
     # ---- conditioning and editing (issue 13) ----
     M("guidance-from-cond", "sampling.py",
-      "return uncond + S * (cond - uncond)",
-      "return cond + S * (cond - uncond)", COND,
+      "mixed = uncond + S * (cond - uncond)",
+      "mixed = cond + S * (cond - uncond)", COND,
       "classifier-free guidance extrapolates from the conditional output, not the null one"),
     M("unet-class-embed-ignored", "nn/unet.py",
       "temb = temb + self.class_embed(y, x.shape[0], x.device).to(temb.dtype)",
@@ -452,6 +453,38 @@ MUTANTS: list[Mutant] = [
       "(math.sin((1 - w) * theta) / s) * a + (math.sin(w * theta) / s) * b",
       "(math.sin(w * theta) / s) * a + (math.sin((1 - w) * theta) / s) * b", COND,
       "slerp runs from b to a"),
+    # ---- recipes, guidance interval, batch conversion (issues 11, 13, 14) ----------------
+    M("guidance-interval-inverted", "sampling.py",
+      "mixed = torch.where(inside.view(-1, *[1] * (x.ndim - 1)), mixed, cond)",
+      "mixed = torch.where(inside.view(-1, *[1] * (x.ndim - 1)), cond, mixed)", COND,
+      "the guidance interval guides outside its noise range and not inside it"),
+    M("min-snr-clamp-min", "losses.py",
+      "clipped = snr.clamp(max=gamma)", "clipped = snr.clamp(min=gamma)", RECIPES,
+      "min-SNR weights clip the SNR from below instead of above"),
+    M("min-snr-eps-undivided", "losses.py",
+      "        return clipped / snr\n", "        return clipped\n", RECIPES,
+      "min-SNR weight for eps-prediction without the division by SNR"),
+    M("min-snr-v-as-eps", "losses.py",
+      "return clipped / (snr + 1.0)", "return clipped / snr", RECIPES,
+      "min-SNR weight for v-prediction divides by SNR (the eps form) instead of SNR + 1"),
+    M("stratify-wrong-stratum", "train/timesteps.py",
+      "return (positions + u.double()) / n", "return (positions + u.double()) / (n + 1)",
+      RECIPES, "stratified t: strata of width 1/(n+1), so the top of [0, 1) is never drawn"),
+    M("threads-load-ignored", "runtime.py",
+      "return max(1, min(threads_now, (os.cpu_count() or 1) - taken))",
+      "return max(1, min(threads_now, (os.cpu_count() or 1)))", RECIPES,
+      "--threads auto ignores the load other programs put on the machine"),
+    M("to-float-mirror-dropped", "data/images.py",
+      "row.copy_(src.flip(-1) if flip else src)", "row.copy_(src)", DATA,
+      "large uint8 images are never mirrored by the random flip"),
+    M("to-float-mirror-inverted", "data/images.py",
+      "u8 = torch.where(mirror[:, None, None, None], u8.flip(-1), u8)",
+      "u8 = torch.where(mirror[:, None, None, None], u8, u8.flip(-1))", DATA,
+      "small uint8 images are mirrored where they should not be and kept where they should"),
+    M("batch-chw-swaps-h-w", "data/loader.py",
+      "views = [torch.from_numpy(a).permute(2, 0, 1) for a in imgs]",
+      "views = [torch.from_numpy(a).permute(2, 1, 0) for a in imgs]", DATA,
+      "batches from files come out transposed (H and W swapped)"),
 ]
 
 

@@ -26,7 +26,14 @@ from ddpmkit.editing import (
     slerp,
 )
 from ddpmkit.nn import PRESETS, MLPDenoiser, UNet
-from ddpmkit.sampling import METHODS, ddim_reconstruct, guided_model, sample, space_timesteps
+from ddpmkit.sampling import (
+    METHODS,
+    ddim_reconstruct,
+    guidance_window,
+    guided_model,
+    sample,
+    space_timesteps,
+)
 
 F64 = torch.float64
 Z = 5.0  # tolerances: Z standard errors at the sample size used
@@ -215,6 +222,24 @@ def test_guidance_interval_guides_exactly_inside_and_is_conditional_outside(meth
     assert [g for _, g in rec.calls] == inside
     assert any(inside) and not all(inside)
     assert not torch.allclose(part, guided) and not torch.allclose(part, cond)
+
+
+def test_guidance_interval_with_a_different_t_per_row_guides_row_by_row():
+    # a batch whose rows sit at different noise levels (as in a bound evaluation): the rows
+    # inside the interval get the guided output, the others the plain conditional one
+    d = diffusion(T=1000, variance="fixed_large")
+    oracle = GaussianClasses(d)
+    y = torch.tensor([0, 2, 1, 2])
+    t = torch.tensor([10, 500, 999, 300])
+    lo, hi = 0.5, 5.0
+    inside = ((sigma_at(d, t.double()) > lo) & (sigma_at(d, t.double()) <= hi)).tolist()
+    assert any(inside) and not all(inside)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    out = guided_model(oracle, y, 3.0, window=guidance_window(d, (lo, hi)))(x, t)
+    cond, uncond = oracle(x, t, y), oracle(x, t, torch.full((4,), oracle.num_classes))
+    for i, guide in enumerate(inside):
+        want = uncond[i] + 3.0 * (cond[i] - uncond[i]) if guide else cond[i]
+        assert torch.allclose(out[i], want, atol=1e-6)
 
 
 def test_guidance_interval_path_equals_the_closed_form_ddim_recursion():
