@@ -6,9 +6,11 @@ Sources (made in a temporary folder, nothing downloaded):
   npy     N 32x32 RGB uint8 images in one .npy, read in place (pread per image)
   jpeg    M 256x256 RGB JPEGs in a folder, decoded per image (no resize)
 each with 0, 1 and 2 DataLoader workers, next to PIL's raw decode rate of the same JPEGs
-in this process (the ceiling for the folder) and the training rate of the CIFAR-10 network
-(measured here: a few steps at batch 16; docs/speed.md has the careful figure), and the rate
-an 8-accelerator node would ask of the input pipeline. Prints images/s; not a test. On a
+in this process (the issue's yardstick for the folder). With the ``jpeg`` extra installed
+(simplejpeg) the folder rows come twice: as ddpmkit reads it then, and with PIL alone, with
+simplejpeg's raw rate beside PIL's. Also: the training rate of the CIFAR-10 network
+(measured here: a few steps at batch 16; docs/speed.md has the careful figure), and the
+rate an 8-accelerator node would ask of the input pipeline. Prints images/s; not a test. On a
 shared machine the figures move a lot from run to run: compare rows of one run.
 
 `--readers` compares shard readers instead, on 32x32 PNG shards in one process: the
@@ -23,6 +25,7 @@ local ones). This is the measurement behind ddpmkit reading shards itself (data/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import tarfile
@@ -35,7 +38,7 @@ import torch
 from PIL import Image
 
 from ddpmkit.config import DataConfig
-from ddpmkit.data import Batch, Loader, load_data, rank_rows
+from ddpmkit.data import Batch, Loader, images, load_data, rank_rows
 from ddpmkit.runtime import tune_allocator
 
 BATCH = 128
@@ -196,6 +199,30 @@ def pil_decode_rate(folder: Path, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def simplejpeg_decode_rate(folder: Path, seconds: float) -> float:
+    sj = images._simplejpeg()
+    blobs = [f.read_bytes() for f in sorted(folder.glob("*.jpg"))]
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        sj.decode_jpeg(blobs[n % len(blobs)], colorspace="RGB")
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _pil_only(on: bool):
+    """Decode JPEGs with PIL alone (as without the ``jpeg`` extra); forked workers inherit it."""
+    if not on:
+        yield
+        return
+    saved = images._simplejpeg
+    images._simplejpeg = lambda: None
+    try:
+        yield
+    finally:
+        images._simplejpeg = saved
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,13 +254,21 @@ def main() -> None:
         sources = {"shards 32x32 (prepared)": make_shards(tmp, npy), "npy 32x32": npy,
                    "jpeg folder 256x256": make_jpegs(tmp, args.jpeg_images)}
         print(f"batch {BATCH}, {args.seconds:g} s per row, torch threads 1 in the trainer")
+        fast = images._simplejpeg() is not None
         for name, path in sources.items():
             data = load_data(DataConfig(name=str(path)))
-            for w in workers:
-                rate = pipeline_rate(data, w, args.seconds)
-                print(f"{name:22s} workers {w}: {rate:10,.0f} images/s")
-        pil = pil_decode_rate(sources["jpeg folder 256x256"], args.seconds)
-        print(f"{'PIL raw JPEG decode':22s} 1 process: {pil:10,.0f} images/s")
+            for pil_only in (False, True) if fast and "jpeg" in name else (not fast,):
+                label = name + (" (PIL)" if pil_only and "jpeg" in name else "")
+                with _pil_only(pil_only):
+                    for w in workers:
+                        rate = pipeline_rate(data, w, args.seconds)
+                        print(f"{label:28s} workers {w}: {rate:10,.0f} images/s")
+        folder = sources["jpeg folder 256x256"]
+        pil = pil_decode_rate(folder, args.seconds)
+        print(f"{'PIL raw JPEG decode':28s} 1 process: {pil:10,.0f} images/s")
+        if fast:
+            sj = simplejpeg_decode_rate(folder, args.seconds)
+            print(f"{'simplejpeg raw JPEG decode':28s} 1 process: {sj:10,.0f} images/s")
     if args.cifar_steps:
         torch.set_num_threads(args.cifar_threads or os.cpu_count() or 1)
         rate = cifar_train_rate(args.cifar_steps)

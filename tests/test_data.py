@@ -494,6 +494,61 @@ def test_to_float_mirrors_exactly_the_chosen_rows(shape):
     assert Batch.to_float(f) is f
 
 
+def _jpeg(arr: np.ndarray, **save) -> bytes:
+    buf = io.BytesIO()
+    img = Image.fromarray(arr)
+    exif = save.pop("orientation", None)
+    if exif is not None:
+        e = Image.Exif()
+        e[0x0112] = exif
+        save["exif"] = e.tobytes()
+    img.save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def test_jpeg_fast_path_gives_the_same_pixels_as_pil(tmp_path, monkeypatch):
+    pytest.importorskip("simplejpeg")
+    from ddpmkit.data import images
+    rng = np.random.default_rng(0)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8))
+                        .resize((45, 37), Image.Resampling.BICUBIC))
+    cases = {
+        "420": _jpeg(smooth, quality=90),
+        "444": _jpeg(smooth, quality=95, subsampling=0),
+        "progressive": _jpeg(smooth, quality=80, progressive=True),
+        "grey": _jpeg(smooth[..., 0]),
+        "rotated": _jpeg(smooth, orientation=6),  # PIL's path turns it upright
+        "cmyk": (lambda b: (Image.fromarray(smooth).convert("CMYK").save(b, "JPEG"),
+                            b.getvalue())[1])(io.BytesIO()),
+    }
+    calls = []
+    real = images._jpeg_fast
+    monkeypatch.setattr(images, "_jpeg_fast",
+                        lambda img, data: calls.append(real(img, data)) or calls[-1])
+    for name, blob in cases.items():
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(blob)
+        for size, ch in ((0, 3), (0, 1), (32, 3)):
+            calls.clear()
+            fast = images.decode(path, size, ch)
+            with monkeypatch.context() as m:
+                m.setattr(images, "_simplejpeg", lambda: None)
+                slow = images.decode(path, size, ch)
+            assert np.array_equal(fast, slow), (name, size, ch)
+            # the fast decoder ran on the plain ones and stood aside for the others
+            assert (calls[0] is not None) == (name not in ("rotated", "cmyk")), name
+            assert np.array_equal(images.decode(io.BytesIO(blob), size, ch), slow)
+    assert images.decode(tmp_path / "rotated.jpg", 0, 3).shape == (45, 37, 3)  # upright
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(cases["420"][: len(cases["420"]) // 2])
+    with pytest.raises(Exception) as fast_error:
+        images.decode(truncated, 0, 3)
+    with monkeypatch.context() as m, pytest.raises(Exception) as pil_error:
+        m.setattr(images, "_simplejpeg", lambda: None)
+        images.decode(truncated, 0, 3)
+    assert str(fast_error.value) == str(pil_error.value)  # PIL's own words, either way
+
+
 def test_batch_chw_is_the_transposed_stack():
     imgs = [np.random.default_rng(i).integers(0, 256, (4, 5, 3), dtype=np.uint8)
             for i in range(3)]

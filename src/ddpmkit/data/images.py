@@ -8,6 +8,7 @@ text says why (the callers turn it into a skip or a one-line error).
 from __future__ import annotations
 
 import functools
+import io
 import os
 from pathlib import Path
 from typing import IO
@@ -150,23 +151,79 @@ def decoded_8bit(img: Image.Image) -> np.ndarray:
     return np.asarray(img if img.mode == mode else img.convert(mode))
 
 
+@functools.cache
+def _simplejpeg():
+    """The ``simplejpeg`` module (extra ``ddpmkit[jpeg]``), or None when not installed."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    return simplejpeg
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _jpeg_fast(img: Image.Image, data: bytes | memoryview) -> np.ndarray | None:
+    """A plain RGB or grey JPEG, upright, decoded by simplejpeg: uint8 ``[H, W(, 3)]``, or None
+    where the general path must run (not installed, CMYK, a rotated camera picture, or any
+    decoder complaint: PIL then decodes it, or names what is wrong).
+
+    Same libjpeg-turbo, same settings as PIL (accurate integer DCT, fancy upsampling), so the
+    same pixels, at ~half the CPU time of PIL on 256x256 pictures (PIL's image object and
+    the copy out of it cost as much as the decoding).
+    """
+    sj = _simplejpeg()
+    if sj is None or img.mode not in ("RGB", "L"):
+        return None
+    if img.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1):
+        return None
+    try:
+        arr = sj.decode_jpeg(data, colorspace="RGB" if img.mode == "RGB" else "GRAY")
+    except Exception:  # any complaint: the general path decides (or names the problem)
+        return None
+    if arr.shape[:2] != (img.height, img.width):
+        return None
+    return arr if img.mode == "RGB" else arr[..., 0]
+
+
+def _encoded(src: Path | IO[bytes]) -> tuple[IO[bytes], bytes | memoryview | None]:
+    """``src`` as an open file and, when the JPEG fast path may use them, its bytes."""
+    if _simplejpeg() is None:
+        return src, None
+    if isinstance(src, io.BytesIO):
+        return src, src.getbuffer()
+    if isinstance(src, (str, os.PathLike)):
+        data = Path(src).read_bytes()
+        return io.BytesIO(data), data
+    return src, None
+
+
 def decode(src: Path | IO[bytes], size: int, channels: int) -> np.ndarray:
     """One image (a path or an open binary file) -> uint8 ``[size, size, channels]``.
 
     ``size=0`` keeps the image's own size (``[H, W, channels]``). Grey sources are repeated
     to 3 channels, colour ones reduced to luma for 1.
     """
+    src, data = _encoded(src)
     with _open(src) as img:
-        if size and img.format == "JPEG" and (img.width > 2 * size and img.height > 2 * size):
-            # Decode big JPEGs at 1/2, 1/4 or 1/8 scale straight from the DCT: much faster,
-            # and the short side stays >= size.
-            img.draft(None, (size, size))
-        img.load()
-        try:  # camera orientation, as viewers show it (in place: no copy when upright)
-            ImageOps.exif_transpose(img, in_place=True)
-        except Exception:  # a broken EXIF block should not lose a decodable image
-            pass
-        arr = decoded_8bit(img)
+        big = size and img.width > 2 * size and img.height > 2 * size
+        fast = None
+        if img.format == "JPEG" and data is not None and not big:
+            fast = _jpeg_fast(img, data)
+        if fast is not None:
+            arr = fast
+        else:
+            if big and img.format == "JPEG":
+                # Decode big JPEGs at 1/2, 1/4 or 1/8 scale straight from the DCT: much
+                # faster, and the short side stays >= size.
+                img.draft(None, (size, size))
+            img.load()
+            try:  # camera orientation, as viewers show it (in place: no copy when upright)
+                ImageOps.exif_transpose(img, in_place=True)
+            except Exception:  # a broken EXIF block should not lose a decodable image
+                pass
+            arr = decoded_8bit(img)
     if channels == 1 and arr.ndim == 3:
         arr = luma(arr)
     if size and arr.shape[:2] != (size, size):  # (a round trip through PIL is 2 copies)
