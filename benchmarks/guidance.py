@@ -38,7 +38,7 @@ import torch
 from ddpmkit import sample
 from ddpmkit.config import DataConfig, SampleConfig
 from ddpmkit.data import load_data
-from ddpmkit.editing import inpaint
+from ddpmkit.editing import RECONSTRUCTION_WEIGHT, inpaint
 from ddpmkit.loading import load
 from ddpmkit.metrics import digit_labels, digit_quality, load_digit_classifier
 
@@ -105,16 +105,30 @@ def run_job(job: dict) -> dict:
     return row
 
 
+VAL_DIGITS = slice(1203, 1500)  # validation: the last 297 training digits (as many as test)
+
+
+def inpaint_digits(which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(digits [297, 1, 8, 8], labels [297]) of ``which``: "test" (the 297 test digits, the
+    issue's target) or "val" (training digits 1203-1499, where methods are chosen)."""
+    if which == "test":
+        return load_data(DataConfig(name="digits"), "test").x, digit_labels("test")
+    return (load_data(DataConfig(name="digits"), "train").x[VAL_DIGITS],
+            digit_labels("train")[VAL_DIGITS])
+
+
 def _inpaint_row(job: dict, classifier) -> dict:
     ckpt = job["uncond_checkpoint"] or job["checkpoint"]
     run = _get(ckpt, lambda: load(ckpt, device="cpu"))
-    test = load_data(DataConfig(name="digits"), "test").x
+    digits, labels = inpaint_digits(job["digits"])
     t0 = time.perf_counter()
-    x = inpaint(run.model, run.diffusion, test, _bottom_half(),
-                seeds=range(job["seed"], job["seed"] + len(test)), **job["kw"])
+    x = inpaint(run.model, run.diffusion, digits, _bottom_half(),
+                seeds=range(job["seed"], job["seed"] + len(digits)), **job["kw"])
     sec = time.perf_counter() - t0
-    assert torch.equal(x[:, :, :4], test[:, :, :4])  # kept pixels come back unchanged
-    return {**job, "share": _share(classifier, x, digit_labels("test")), "seconds": sec}
+    assert torch.equal(x[:, :, :4], digits[:, :, :4])  # kept pixels come back unchanged
+    share = _share(classifier, x, labels)
+    return {**job, "share": share, "se": math.sqrt(share * (1 - share) / len(labels)),
+            "seconds": sec}
 
 
 def _bottom_half() -> torch.Tensor:
@@ -123,13 +137,12 @@ def _bottom_half() -> torch.Tensor:
     return mask
 
 
-def inpaint_baselines(classifier) -> list[dict]:
-    """Real test digits, and the same with rows 4-7 set to the training mean."""
-    test = load_data(DataConfig(name="digits"), "test").x
-    labels = digit_labels("test")
+def inpaint_baselines(classifier, which: str = "test") -> list[dict]:
+    """The real digits, and the same with rows 4-7 set to the training mean."""
+    digits, labels = inpaint_digits(which)
     train_mean = load_data(DataConfig(name="digits"), "train").x.mean(0)
-    filled = torch.where(_bottom_half(), train_mean, test)
-    return [{"method": "real digits", "share": _share(classifier, test, labels)},
+    filled = torch.where(_bottom_half(), train_mean, digits)
+    return [{"method": "real digits", "share": _share(classifier, digits, labels)},
             {"method": "bottom half = training mean", "share": _share(classifier, filled,
                                                                        labels)}]
 
@@ -166,16 +179,45 @@ def guidance_jobs(args, num_classes: int) -> list[dict]:
     return jobs
 
 
+DEFAULT_INPAINT = "replace;repaint:jump=2:resample=10"
+_INPAINT_KEYS = {"steps": int, "jump": int, "resample": int, "weight": float}
+
+
+def parse_inpaint_config(text: str, steps: int) -> tuple[str, dict]:
+    """"method[:key=value...]" (keys: steps, jump, resample, weight) -> (row name, inpaint kw).
+    E.g. "reconstruction:weight=2:resample=1"."""
+    method, *pairs = text.strip().split(":")
+    kw: dict = {"method": method, "steps": steps}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in _INPAINT_KEYS or not value:
+            raise SystemExit(f"error: --inpaint-configs entry {text!r}: use key=value with "
+                             f"keys {', '.join(_INPAINT_KEYS)}")
+        kw[key] = _INPAINT_KEYS[key](value)
+    if method == "replace":
+        name = f"replace ({kw['steps']} steps)"
+    else:
+        kw.setdefault("jump", 2)
+        kw.setdefault("resample", 1 if method == "reconstruction" else 10)
+        if method == "reconstruction":
+            kw.setdefault("weight", RECONSTRUCTION_WEIGHT)
+        name = (f"{'RePaint' if method == 'repaint' else method} ({kw['steps']} steps, "
+                f"jump {kw['jump']}, resample {kw['resample']}"
+                + (f", w_r {kw['weight']:g}" if method == "reconstruction" else "")
+                + ")")
+    return name, kw
+
+
 def inpaint_jobs(args) -> list[dict]:
-    st = args.inpaint_steps
     base = dict(kind="inpaint", checkpoint=args.checkpoint, seed=args.seed,
-                uncond_checkpoint=args.uncond_checkpoint)
-    jobs = [{**base, "method": f"replace ({st} steps)", "kw": dict(method="replace", steps=st)},
-            {**base, "method": f"RePaint ({st} steps, jump 2, resample 10)",
-             "kw": dict(method="repaint", steps=st, jump=2, resample=10)}]
+                uncond_checkpoint=args.uncond_checkpoint, digits=args.inpaint_digits)
+    configs = [c for c in args.inpaint_configs.split(";") if c.strip()]
     if args.inpaint_jump10:
-        jobs.append({**base, "method": f"RePaint ({st} steps, jump 10, resample 10)",
-                     "kw": dict(method="repaint", steps=st, jump=10, resample=10)})
+        configs.append("repaint:jump=10:resample=10")
+    jobs = []
+    for c in configs:
+        name, kw = parse_inpaint_config(c, args.inpaint_steps)
+        jobs.append({**base, "method": name, "kw": kw})
     return jobs
 
 
@@ -196,7 +238,8 @@ def run_jobs(jobs: list[dict], workers: int) -> list[dict]:
 
 def _row_line(r: dict) -> str:
     if r["kind"] == "inpaint":
-        return f"{r['method']}: {r['share']:.3f} ({r['seconds']:.0f} s)"
+        return (f"{r['method']}: {r['share']:.3f} (SE {r['se']:.3f}, "
+                f"{r['seconds']:.0f} s)")
     return (f"{r['S']} {_interval_text(r.get('interval'))}: share {_fmt(r['share'])}, "
             f"recognisable {r['recognisable']:.3f}, FD {r['fd']:.2f}")
 
@@ -252,10 +295,12 @@ def tables(res: dict) -> str:
                        f"{_fmt(r['seconds'], '.1f')} |")
         out.append("")
     if res.get("inpaint"):
-        out += ["| inpainting rows 4-7 of the 297 test digits | read as the true digit | "
-                "time (s) |", "|---|---|---|"]
+        which = {"test": "the 297 test digits",
+                 "val": "validation digits (training 1203-1499)"}[res["inpaint_digits"]]
+        out += [f"| inpainting rows 4-7 of {which}, seeds {res['inpaint_seeds']} | "
+                "read as the true digit | standard error | time (s) |", "|---|---|---|---|"]
         for r in res["inpaint"]:
-            out.append(f"| {r['method']} | {_fmt(r['share'])} | "
+            out.append(f"| {r['method']} | {_fmt(r['share'])} | {_fmt(r.get('se'))} | "
                        f"{_fmt(r.get('seconds'), '.0f')} |")
         out.append("")
     out.append(res["footer"])
@@ -309,6 +354,13 @@ def main() -> None:
     p.add_argument("--inpaint-steps", type=int, default=50)
     p.add_argument("--inpaint-jump10", action="store_true",
                    help="also RePaint with jump 10 (RePaint's paper setting)")
+    p.add_argument("--inpaint-configs", default=DEFAULT_INPAINT,
+                   help="inpainting rows, ';'-separated, each method[:key=value...] with keys "
+                        "steps, jump, resample, weight (e.g. 'reconstruction:weight=2:"
+                        "resample=1'); steps defaults to --inpaint-steps")
+    p.add_argument("--inpaint-digits", choices=("test", "val"), default="test",
+                   help="test: the 297 test digits; val: training digits 1203-1499, on which "
+                        "methods and settings are chosen")
     p.add_argument("--out-dir", default="benchmarks/results/guidance")
     p.add_argument("--pictures", action="store_true",
                    help="also write the README pictures (class grid, inpainting, SDEdit, "
@@ -337,7 +389,10 @@ def main() -> None:
         res["uncond_step"] = load(args.uncond_checkpoint, device="cpu").step
     res["guidance"] = [r for r in rows if r["kind"] != "inpaint"]
     if args.inpaint or args.inpaint_only:
-        res["inpaint"] = inpaint_baselines(classifier) + [r for r in rows
+        res["inpaint_digits"] = args.inpaint_digits
+        n = len(inpaint_digits(args.inpaint_digits)[1])
+        res["inpaint_seeds"] = f"{args.seed}..{args.seed + n - 1}"
+        res["inpaint"] = inpaint_baselines(classifier, args.inpaint_digits) + [r for r in rows
                                                           if r["kind"] == "inpaint"]
     what = (f"{args.sampler} {args.steps} steps, {args.per_class} samples per class"
             if res["guidance"] else f"inpainting over {args.inpaint_steps} steps")

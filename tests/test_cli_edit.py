@@ -130,6 +130,41 @@ def test_inpaint_npz_keeps_pixels_bit_for_bit(runs, tmp_path, capsys):
         assert err.startswith("error:") and "\n" not in err, err
 
 
+def test_inpaint_reconstruction_method(runs, tmp_path, capsys):
+    cond, uncond = runs
+    imgs = _digits_u8(2)
+    np.savez(tmp_path / "in.npz", arr_0=imgs)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[4:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    common = ["--image", str(tmp_path / "in.npz"), "--mask", str(tmp_path / "mask.png"),
+              "--steps", "3", "--resample", "1", "--no-progress", "--method", "reconstruction"]
+    for run, extra in ((uncond, []), (cond, ["--class", "4", "--guidance", "2"])):
+        out = tmp_path / f"{run.name}.npz"
+        capsys.readouterr()
+        assert main(["inpaint", "--checkpoint", str(run), *common, "--recon-weight", "8",
+                     *extra, "--out", str(out)]) == 0
+        assert "reconstruction, 3 steps, jump 2, resample 1, w_r 8" in capsys.readouterr().out
+        res = np.load(out)["arr_0"]
+        assert res.shape == imgs.shape and np.array_equal(res[:, :4], imgs[:, :4])
+    # the guidance changes the generated pixels; weight 0 is plain replacement
+    for args, name in ((["--recon-weight", "0"], "w0"), (["--method", "replace"], "rep")):
+        assert main(["inpaint", "--checkpoint", str(uncond), *common, *args,
+                     "--out", str(tmp_path / f"{name}.npz")]) == 0
+    w0, rep = (np.load(tmp_path / f"{n}.npz")["arr_0"] for n in ("w0", "rep"))
+    assert np.array_equal(w0, rep)
+    assert not np.array_equal(np.load(tmp_path / "uncond.npz")["arr_0"], rep)
+    from ddpmkit.cli_edit import INPAINT_DEFAULTS
+    from ddpmkit.editing import RECONSTRUCTION_WEIGHT
+    assert INPAINT_DEFAULTS["recon_weight"] == RECONSTRUCTION_WEIGHT  # CLI and API agree
+    for bad in ("-1", "nan", "x"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["inpaint", "--checkpoint", str(uncond), *common, "--recon-weight", bad,
+                  "--out", str(tmp_path / "bad.npz")])
+        assert e.value.code == 2 and "--recon-weight" in capsys.readouterr().err
+
+
 def test_inpaint_png_with_class_edit_and_interpolate(runs, tmp_path):
     cond, _ = runs
     img = _digits_u8(2)
