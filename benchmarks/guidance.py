@@ -181,6 +181,7 @@ def guidance_jobs(args, num_classes: int) -> list[dict]:
 
 DEFAULT_INPAINT = "replace;repaint:jump=2:resample=10"
 _INPAINT_KEYS = {"steps": int, "jump": int, "resample": int, "weight": float}
+_KW_NAMES = {"weight": "recon_weight"}  # the config key -> inpaint()'s keyword
 
 
 def parse_inpaint_config(text: str, steps: int) -> tuple[str, dict]:
@@ -193,17 +194,17 @@ def parse_inpaint_config(text: str, steps: int) -> tuple[str, dict]:
         if key not in _INPAINT_KEYS or not value:
             raise SystemExit(f"error: --inpaint-configs entry {text!r}: use key=value with "
                              f"keys {', '.join(_INPAINT_KEYS)}")
-        kw[key] = _INPAINT_KEYS[key](value)
+        kw[_KW_NAMES.get(key, key)] = _INPAINT_KEYS[key](value)
     if method == "replace":
         name = f"replace ({kw['steps']} steps)"
     else:
         kw.setdefault("jump", 2)
         kw.setdefault("resample", 1 if method == "reconstruction" else 10)
         if method == "reconstruction":
-            kw.setdefault("weight", RECONSTRUCTION_WEIGHT)
+            kw.setdefault("recon_weight", RECONSTRUCTION_WEIGHT)
         name = (f"{'RePaint' if method == 'repaint' else method} ({kw['steps']} steps, "
                 f"jump {kw['jump']}, resample {kw['resample']}"
-                + (f", w_r {kw['weight']:g}" if method == "reconstruction" else "")
+                + (f", w_r {kw['recon_weight']:g}" if method == "reconstruction" else "")
                 + ")")
     return name, kw
 
@@ -395,7 +396,7 @@ def main() -> None:
         res["inpaint"] = inpaint_baselines(classifier, args.inpaint_digits) + [r for r in rows
                                                           if r["kind"] == "inpaint"]
     what = (f"{args.sampler} {args.steps} steps, {args.per_class} samples per class"
-            if res["guidance"] else f"inpainting over {args.inpaint_steps} steps")
+            if res["guidance"] else "inpainting (steps, jump and resample as each row names)")
     steps = f"checkpoint step {run.step}" + (f", unconditional step {res['uncond_step']}"
                                               if args.uncond_checkpoint else "")
     res["footer"] = (f"{steps}, {what}; {date.today()}, {platform.machine()}, "

@@ -163,6 +163,10 @@ def test_inpaint_reconstruction_method(runs, tmp_path, capsys):
             main(["inpaint", "--checkpoint", str(uncond), *common, "--recon-weight", bad,
                   "--out", str(tmp_path / "bad.npz")])
         assert e.value.code == 2 and "--recon-weight" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["inpaint", "--checkpoint", str(uncond), *common, "--method", "repaint",
+                 "--recon-weight", "2", "--out", str(tmp_path / "bad.npz")]) == 2
+    assert "--recon-weight applies to --method reconstruction" in capsys.readouterr().err
 
 
 def test_inpaint_png_with_class_edit_and_interpolate(runs, tmp_path):

@@ -418,14 +418,14 @@ def test_reconstruction_guidance_moves_generated_pixels_to_the_conditional_gauss
     calls (RePaint needs 500 for the same KL), and w_r = 0 equal to replace bit for bit."""
     n = 4000
     mean, cov = conditional_gaussian()
-    rec, x0 = run_inpaint("reconstruction", n, weight=2.0, resample=1)
+    rec, x0 = run_inpaint("reconstruction", n, recon_weight=2.0, resample=1)
     assert torch.equal(rec[:, :2], x0[:, :2])  # bit-identical kept pixels
     law_ok(rec[:, 2:], mean, cov, "reconstruction")
     plain, _ = run_inpaint("replace", n)
     kl_replace = gaussian_kl(plain[:, 2:].mean(0), torch.cov(plain[:, 2:].T), mean, cov)
     kl_rec = gaussian_kl(rec[:, 2:].mean(0), torch.cov(rec[:, 2:].T), mean, cov)
     assert kl_rec < kl_replace / 5, (kl_rec, kl_replace)
-    off, _ = run_inpaint("reconstruction", n, weight=0.0, resample=1)
+    off, _ = run_inpaint("reconstruction", n, recon_weight=0.0, resample=1)
     assert torch.equal(off, plain)
 
 
@@ -434,7 +434,7 @@ def test_reconstruction_weight_must_be_finite_and_non_negative():
     for w in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="weight") as e:
             inpaint(lambda x, t: torch.zeros_like(x), diffusion(T=10), x, torch.ones(2, 2),
-                    method="reconstruction", weight=w, steps=2)
+                    method="reconstruction", recon_weight=w, steps=2)
         assert "\n" not in str(e.value)
 
 

@@ -172,10 +172,14 @@ def cmd_inpaint(args) -> int:
     from .data import to_uint8
     from .editing import inpaint
 
-    run = _load(args)
+    recon = args.method == "reconstruction"
+    if args.recon_weight is not None and not recon:
+        raise ConfigError("--recon-weight applies to --method reconstruction only")
+    if args.recon_weight is None:
+        args.recon_weight = INPAINT_DEFAULTS["recon_weight"]
     if args.resample is None:
-        args.resample = INPAINT_DEFAULTS["recon_resample" if args.method == "reconstruction"
-                                          else "resample"]
+        args.resample = INPAINT_DEFAULTS["recon_resample" if recon else "resample"]
+    run = _load(args)
     images, from_npz = load_images(args.image, run.data_shape)
     out = _out_path(args.out, from_npz)
     mask = load_mask(args.mask, images)
@@ -193,7 +197,7 @@ def cmd_inpaint(args) -> int:
     for a, b in batches:
         m = mask_t if mask_t.shape[0] == 1 else mask_t[a:b]
         x = inpaint(run.model, run.diffusion, x0[a:b], m, method=args.method, steps=args.steps,
-                    jump=args.jump, resample=args.resample, weight=args.recon_weight,
+                    jump=args.jump, resample=args.resample, recon_weight=args.recon_weight,
                     seeds=range(args.seed + a, args.seed + b),
                     y=None if y is None else y[a:b], guidance=_scale(args),
                     callback=tick if bar is not None else None)
@@ -308,9 +312,10 @@ def add_commands(sub, int_at_least, fmt) -> None:
     p.add_argument("--out", required=True, help="output, same form as --image")
     p.add_argument("--method", choices=("repaint", "replace", "reconstruction"),
                    default="repaint",
-                   help="repaint (with resampling), replace (one pass), or reconstruction "
-                        "(guidance towards the kept pixels; see --recon-weight) (default: "
-                        "repaint)")
+                   help="repaint (with resampling; samples the conditional law), replace "
+                        "(one pass), or reconstruction (Ho et al. 2022: guidance towards the "
+                        "kept pixels; the completion that fits them best, see --recon-weight) "
+                        "(default: repaint)")
     p.add_argument("--steps", type=int_at_least(1), default=INPAINT_DEFAULTS["steps"],
                    help=f"reverse steps kept of T (default: {INPAINT_DEFAULTS['steps']})")
     p.add_argument("--jump", type=int_at_least(1), default=INPAINT_DEFAULTS["jump"],
@@ -319,7 +324,7 @@ def add_commands(sub, int_at_least, fmt) -> None:
                    help="RePaint passes r per block (default: "
                         f"{INPAINT_DEFAULTS['resample']} for repaint, "
                         f"{INPAINT_DEFAULTS['recon_resample']} for reconstruction)")
-    p.add_argument("--recon-weight", type=_weight, default=INPAINT_DEFAULTS["recon_weight"],
+    p.add_argument("--recon-weight", type=_weight,
                    help="--method reconstruction: weight w_r >= 0 of the guidance, x0^b -= "
                         "w_r sqrt(alpha_bar_t) / 2 grad ||x^a - x0^a||^2 (0: none). 2 matches "
                         "the true conditional law best on a Gaussian; larger weights follow "

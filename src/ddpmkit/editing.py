@@ -138,7 +138,7 @@ def reconstruction_step(model: Model, diffusion: GaussianDiffusion, x: torch.Ten
 
 def inpaint(model: Model, diffusion: GaussianDiffusion, x0: torch.Tensor, mask: torch.Tensor,
             *, method: str = "repaint", steps: int | None = 50, jump: int = 2,
-            resample: int | None = None, weight: float = RECONSTRUCTION_WEIGHT,
+            resample: int | None = None, recon_weight: float = RECONSTRUCTION_WEIGHT,
             clip_denoised: bool = True,
             seeds: Sequence[int] | None = None, generator: torch.Generator | None = None,
             y: Labels = None, guidance: float = 1.0, callback=None) -> torch.Tensor:
@@ -150,7 +150,7 @@ def inpaint(model: Model, diffusion: GaussianDiffusion, x0: torch.Tensor, mask: 
     ``"repaint"``: the same with RePaint's resampling (``jump``, ``resample``; see
     :func:`repaint_schedule`; ``resample`` None: 10), steps * resample network calls.
     ``"reconstruction"``: every reverse step also has reconstruction guidance of weight
-    ``weight`` (w_r, see :func:`reconstruction_step`), on the RePaint schedule of ``jump`` and
+    ``recon_weight`` (w_r, see :func:`reconstruction_step`), on the RePaint schedule of ``jump`` and
     ``resample`` (None: 1, one pass), with one backward pass per step. Reverse steps are DDPM's
     ancestral steps with the model's variance. Kept pixels of the result are x0's, bit for
     bit. ``callback(i, n, x)`` after each state change.
@@ -165,9 +165,9 @@ def inpaint(model: Model, diffusion: GaussianDiffusion, x0: torch.Tensor, mask: 
     """
     if method not in INPAINT_METHODS:
         raise ConfigError(f"method={method!r}; choose one of {', '.join(INPAINT_METHODS)}")
-    weight = float(weight)
+    weight = float(recon_weight)
     if not (math.isfinite(weight) and weight >= 0.0):
-        raise ConfigError(f"reconstruction weight={weight!r} must be a finite number >= 0")
+        raise ConfigError(f"recon_weight={recon_weight!r} must be a finite number >= 0")
     if x0.ndim != 4:
         raise ConfigError(f"inpainting needs images [B, C, H, W], got {list(x0.shape)}")
     mask = check_mask(mask, x0)
