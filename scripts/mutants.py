@@ -447,6 +447,16 @@ MUTANTS: list[Mutant] = [
       "x = torch.where(mask, x, known(s))",
       "x = torch.where(mask, x, known(prev))", COND,
       "inpainting joins the kept pixels noised to the previous level, not the new one"),
+    M("recon-guidance-sign", "editing.py",
+      "x0 = x0_hat.detach() - (weight * alpha / 2.0) * grad * mask.to(x.dtype)",
+      "x0 = x0_hat.detach() + (weight * alpha / 2.0) * grad * mask.to(x.dtype)", COND,
+      "reconstruction guidance pushes the generated pixels away from the kept ones"),
+    M("recon-guidance-no-alpha", "editing.py",
+      "x0 = x0_hat.detach() - (weight * alpha / 2.0) * grad * mask.to(x.dtype)",
+      "x0 = x0_hat.detach() - (weight / 2.0) * grad * mask.to(x.dtype)", COND,
+      "reconstruction guidance drops Ho et al.'s alpha_t factor (too strong at high noise)"),
+    # (Not masking the gradient is an equivalent mutant: the kept pixels of the step's
+    # result are replaced by q(x_s | x_0) draws right after it.)
     # (Dropping inpaint's final torch.where(mask, x, x0) is an equivalent mutant: the last
     # state is always s = -1, where the loop has already joined x0's kept pixels exactly.)
     M("slerp-ends-swapped", "editing.py",
