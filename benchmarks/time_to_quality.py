@@ -5,7 +5,8 @@
         --parallel 2 --out-dir benchmarks/results/time_to_quality
 
 What "minutes" means here: CPU minutes of a one-thread training process, read with
-``time.process_time()`` over the training steps alone (model build, checkpoint writes and all
+``time.process_time()`` plus finished child processes' CPU time (the C++ compiler that
+torch.compile runs) over the training steps alone (model build, checkpoint writes and all
 measuring are outside it). A one-thread process's CPU time barely depends on what else runs
 on the machine, so recipes can train side by side (``--parallel``, one thread each) and a
 shared machine gives the same figures as a quiet one. It is not wall time of the default
@@ -70,6 +71,13 @@ def recipe_config(name: str):
     return C.RunConfig.from_dict(overrides, base=base)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children: torch.compile runs the C++
+    compiler in child processes, and its cost belongs to the recipe."""
+    t = os.times()
+    return time.process_time() + t.children_user + t.children_system
+
+
 def train_recipe(name: str, out: Path, minutes: float, every: float) -> list[dict]:
     """Train for ``minutes`` of training-loop CPU time; a checkpoint at every ``every``."""
     import torch
@@ -86,15 +94,16 @@ def train_recipe(name: str, out: Path, minutes: float, every: float) -> list[dic
     marks, cpu, wall = [], 0.0, 0.0
     next_mark = every
     while cpu < minutes * 60 - 1e-9:
-        c0, w0 = time.process_time(), time.perf_counter()
+        c0, w0 = cpu_seconds(), time.perf_counter()
         trainer.step()
-        cpu += time.process_time() - c0
+        cpu += cpu_seconds() - c0
         wall += time.perf_counter() - w0
         if cpu >= next_mark * 60 or cpu >= minutes * 60:
             trainer._check_health()
             path = trainer.save()  # outside the timed span
             marks.append({"minutes": round(cpu / 60, 3), "step": trainer.step_count,
-                          "wall_minutes": round(wall / 60, 3), "checkpoint": str(path)})
+                          "wall_minutes": round(wall / 60, 3), "load": os.getloadavg()[0],
+                          "checkpoint": str(path)})
             print(json.dumps({"recipe": name, **marks[-1]}), flush=True)
             next_mark += every
     return marks
@@ -140,10 +149,11 @@ def measure_checkpoint(path: str, num: int, bound_t: int) -> dict:
 
 def worker(args) -> None:
     out = Path(args.out_dir) / "runs" / args.worker
+    load = os.getloadavg()[0]
     marks = train_recipe(args.worker, out, args.minutes, args.every)
     rows = []
     for m in marks:
-        rows.append({"recipe": args.worker, **m,
+        rows.append({"recipe": args.worker, **m, "load_at_start": load,
                      **measure_checkpoint(m["checkpoint"], args.num, args.bound_t)})
         print(json.dumps(rows[-1]), flush=True)
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
@@ -153,25 +163,39 @@ def worker(args) -> None:
 
 def sweep(args) -> list[dict]:
     """One worker process per recipe, ``--parallel`` at a time, each with one thread."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # One compile thread: inductor then compiles in this process and its C++ compiler runs
+    # as waited-for children, so cpu_seconds() sees the cost (a worker pool's would not).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     pending, running, rows = list(args.recipes), [], []
     forward = ["--minutes", str(args.minutes), "--every", str(args.every), "--num",
                str(args.num), "--bound-t", str(args.bound_t), "--out-dir", args.out_dir]
+    done = {}
+    if args.reuse:  # recipes measured by an earlier sweep into the same --out-dir
+        done = {n: Path(args.out_dir, "runs", n, "rows.json") for n in pending}
+        done = {n: json.loads(f.read_text()) for n, f in done.items() if f.is_file()}
+        pending = [n for n in pending if n not in done]
+        for n, got in done.items():
+            if abs(got[-1]["minutes"] - args.minutes) > 0.1:
+                raise SystemExit(f"--reuse: {n} was trained for {got[-1]['minutes']:.1f} CPU "
+                                 f"minutes, not --minutes {args.minutes:g}")
+        print(f"reusing {', '.join(done) or 'none'}", flush=True)
     while pending or running:
         while pending and len(running) < args.parallel:
             name = pending.pop(0)
             cmd = [sys.executable, __file__, "--worker", name, *forward]
-            running.append((name, subprocess.Popen(cmd, env=env), os.getloadavg()[0]))
+            running.append((name, subprocess.Popen(cmd, env=env)))
         time.sleep(1.0)
         for item in list(running):
-            name, proc, load = item
+            name, proc = item
             if proc.poll() is None:
                 continue
             running.remove(item)
             if proc.returncode != 0:
                 raise SystemExit(f"recipe {name} failed (exit {proc.returncode})")
-            got = json.loads((Path(args.out_dir) / "runs" / name / "rows.json").read_text())
-            rows += [{**r, "load_at_start": load} for r in got]
+            done[name] = json.loads(Path(args.out_dir, "runs", name, "rows.json").read_text())
+    for name in args.recipes:  # in the order asked for
+        rows += done[name]
     return rows
 
 
@@ -184,7 +208,8 @@ def report(rows: list[dict], args) -> None:
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, "
             f"{os.cpu_count()} cores", "torch": torch.__version__,
             "command": " ".join(["python", *sys.argv]), "minutes": "training-loop CPU "
-            "minutes of a 1-thread process (time.process_time, measuring excluded)",
+            "minutes of a 1-thread process and its compiler children (time.process_time + "
+            "os.times children, measuring excluded)",
             "num": args.num, "bound_t": args.bound_t, "real_digits_fd_at_num": real,
             "recipes": {r: RECIPES[r] for r in args.recipes}}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -197,7 +222,8 @@ def report(rows: list[dict], args) -> None:
             f"{meta['minutes']}; FD and recognisable share of {args.num} samples (DPM-Solver++ "
             f"2M, 20 calls), real digits' FD at that N: {sum(real) / 3:.2f}; bound estimated "
             f"with {args.bound_t} stratified t per test digit (± one standard error); "
-            f"`{meta['command']}`; 1-min load average at each recipe's start in results.json.")
+            f"`{meta['command']}`; 1-min load average at each recipe's start and at each "
+            f"checkpoint in results.json.")
     (out / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
     plot(rows, out / "quality.png", sum(real) / 3)
     print("\n".join(lines))
@@ -235,6 +261,9 @@ def main() -> None:
     p.add_argument("--num", type=int, default=500, help="samples per FD measurement")
     p.add_argument("--bound-t", type=int, default=100, help="timesteps per test digit")
     p.add_argument("--out-dir", default="benchmarks/results/time_to_quality")
+    p.add_argument("--reuse", action="store_true",
+                   help="read recipes already measured into --out-dir (their runs/NAME/"
+                        "rows.json) instead of training them again: adds recipes to a sweep")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
