@@ -92,3 +92,15 @@ def test_other_dtypes_use_torch_dropout():
     torch.manual_seed(9)
     ref = F.dropout(x, P, training=True)
     assert torch.equal(ours, ref)
+
+
+def test_under_torch_compile_it_is_torch_dropout_and_traces_without_a_graph_break(monkeypatch):
+    # random_ cannot be traced: each ResBlock became its own graph, recompiled per width
+    explain = torch._dynamo.explain(lambda x: dropout(x * 2.0, P) + 1.0)(torch.ones(4, 8, 8))
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x = torch.randn(64, 64)
+    torch.manual_seed(9)
+    ours = dropout(x, P)
+    torch.manual_seed(9)
+    assert torch.equal(ours, F.dropout(x, P, training=True))

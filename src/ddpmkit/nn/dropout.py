@@ -10,7 +10,7 @@ exactly.
 
 The mask is drawn in the tensor's memory order (as ``F.dropout``'s is) from the global CPU
 generator, so ``torch.manual_seed`` and a saved RNG state replay it. CUDA and non-float32
-tensors use ``F.dropout`` (fused on the GPU).
+tensors, and code under ``torch.compile``, use ``F.dropout`` (fused there).
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     _check_probability(p)
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    # Under torch.compile too: Dynamo cannot trace random_ (a graph break in every ResBlock,
+    # which then recompiles per width until the recompile limit), and inductor fuses the mask.
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
         return F.dropout(x, p, training=True)
     drop = round(p * MASK_LEVELS)
     if drop == 0:
