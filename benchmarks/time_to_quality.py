@@ -33,6 +33,7 @@ minutes, one line per recipe) to --out-dir.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -224,28 +225,70 @@ def report(rows: list[dict], args) -> None:
             f"with {args.bound_t} stratified t per test digit (± one standard error); "
             f"`{meta['command']}`; 1-min load average at each recipe's start and at each "
             f"checkpoint in results.json.")
+    lines += ["", *against_baseline(rows)]
     (out / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
     plot(rows, out / "quality.png", sum(real) / 3)
     print("\n".join(lines))
     print(note)
 
 
+def interpolate(rows: list[dict], x_key: str, x: float, y_key: str) -> float | None:
+    """``y_key`` of a recipe's checkpoints, linear in ``x_key`` at ``x``; None outside them
+    (by more than 1%: the last checkpoint of a 5-minute run is at 5.004 minutes)."""
+    pts = sorted((r[x_key], r[y_key]) for r in rows)
+    for end_x, end_y in (pts[0], pts[-1]):
+        if abs(x - end_x) <= 0.01 * abs(end_x):
+            return end_y
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y0
+    return None
+
+
+def against_baseline(rows: list[dict]) -> list[str]:
+    """Each recipe minus the baseline at the same CPU minutes and at the same step (the
+    baseline linearly interpolated between its checkpoints): steps per CPU minute move with
+    the machine's load, so a recipe trained beside other jobs can look slower or faster."""
+    base = [r for r in rows if r["recipe"] == "baseline"]
+    if not base:
+        return []
+    keys = ("fd", "recognisable", "bound")
+    lines = ["Minus the baseline, at equal CPU minutes | at equal steps (FD, recognisable, "
+             "bound; lower FD and bound, higher recognisable are better):", "",
+             "| recipe | CPU min | step | ΔFD | Δrec. | Δbound | ΔFD | Δrec. | Δbound |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["recipe"] == "baseline":
+            continue
+        cells = []
+        for x_key in ("minutes", "step"):
+            for k in keys:
+                b = interpolate(base, x_key, r[x_key], k)
+                cells.append("–" if b is None else f"{r[k] - b:+.3f}" if k != "fd"
+                             else f"{r[k] - b:+.2f}")
+        lines.append(f"| {r['recipe']} | {r['minutes']:.1f} | {r['step']} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(rows: list[dict], path: Path, real_fd: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.4))
     panels = (("fd", f"FD to test digits (real: {real_fd:.2f})"),
               ("recognisable", "recognisable share (conf. >= 0.9)"),
               ("bound", "test bound, bits/dim"))
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        for recipe in dict.fromkeys(r["recipe"] for r in rows):
-            pts = [(r["minutes"], r[key]) for r in rows if r["recipe"] == recipe]
-            ax.plot(*zip(*pts, strict=True), marker="o", label=recipe)
-        ax.set_title(title)
-        ax.set_xlabel("training CPU minutes (1 thread)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    x_axes = (("minutes", "training CPU minutes (1 thread)"), ("step", "training steps"))
+    for row, (x_key, x_label) in zip(axes, x_axes, strict=True):
+        for ax, (key, title) in zip(row, panels, strict=True):
+            for recipe in dict.fromkeys(r["recipe"] for r in rows):
+                pts = [(r[x_key], r[key]) for r in rows if r["recipe"] == recipe]
+                ax.plot(*zip(*pts, strict=True), marker="o", label=recipe)
+            ax.set_title(title)
+            ax.set_xlabel(x_label)
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
