@@ -131,21 +131,45 @@ def bound_estimate(run, x0, levels: int, k: int, seed: int = 0) -> tuple[float, 
     return float(totals.mean()), float(totals.std() / math.sqrt(len(totals)))
 
 
-def measure_checkpoint(path: str, num: int, bound_t: int) -> dict:
-    from ddpmkit.data import load_data
-    from ddpmkit.loading import load
+def sample_quality(run, num: int, first_seed: int = 0) -> dict:
+    """digit_quality of ``num`` samples with the preset's sampler, seeds first_seed + 0..num-1."""
     from ddpmkit.metrics import digit_quality
     from ddpmkit.sampling import sample
 
-    run = load(path, device="cpu")
     sc = run.config.sample
     x = sample(run.model, run.diffusion, (num, *run.data_shape), method=sc.sampler,
-               steps=sc.steps or None, spacing=sc.spacing, clip_denoised=True, seeds=range(num))
-    q = digit_quality(x)
+               steps=sc.steps or None, spacing=sc.spacing, clip_denoised=True,
+               seeds=range(first_seed, first_seed + num))
+    return digit_quality(x)
+
+
+def measure_checkpoint(path: str, num: int, bound_t: int) -> dict:
+    from ddpmkit.data import load_data
+    from ddpmkit.loading import load
+
+    run = load(path, device="cpu")
+    q = sample_quality(run, num)
     test = load_data(run.config.data, "test")
     bound, se = bound_estimate(run, test.x.float(), test.levels, bound_t)
     return {"fd": q["fd"], "kd": q["kd"], "recognisable": q["recognisable"],
             "confidence": q["confidence"], "bound": bound, "bound_se": se}
+
+
+def seed_spread(rows: list[dict], num: int, sets: int) -> dict | None:
+    """FD and recognisable share of the baseline's last checkpoint for ``sets`` disjoint sets
+    of ``num`` seeds (set 0 is the one in the table): how far seed noise alone moves them."""
+    import torch
+
+    from ddpmkit.loading import load
+    base = [r for r in rows if r["recipe"] == "baseline"]
+    if sets < 2 or not base:
+        return None
+    torch.set_num_threads(1)
+    run = load(base[-1]["checkpoint"], device="cpu")
+    qs = [base[-1]] + [sample_quality(run, num, k * num) for k in range(1, sets)]
+    return {"checkpoint": base[-1]["checkpoint"], "step": base[-1]["step"], "num": num,
+            "first_seeds": [k * num for k in range(sets)], "fd": [q["fd"] for q in qs],
+            "recognisable": [q["recognisable"] for q in qs]}
 
 
 def worker(args) -> None:
@@ -213,6 +237,8 @@ def report(rows: list[dict], args) -> None:
             "os.times children, measuring excluded)",
             "num": args.num, "bound_t": args.bound_t, "real_digits_fd_at_num": real,
             "recipes": {r: RECIPES[r] for r in args.recipes}}
+    spread = seed_spread(rows, args.num, args.seed_sets)
+    meta["seed_spread"] = spread
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["| recipe | CPU min | step | FD | recognisable | test bound, bits/dim |",
              "|---|---|---|---|---|---|"]
@@ -226,6 +252,11 @@ def report(rows: list[dict], args) -> None:
             f"`{meta['command']}`; 1-min load average at each recipe's start and at each "
             f"checkpoint in results.json.")
     lines += ["", *against_baseline(rows)]
+    if spread:
+        lines += ["", f"Seed noise: the baseline at step {spread['step']}, {len(spread['fd'])} "
+                  f"disjoint sets of {args.num} seeds: FD "
+                  + ", ".join(f"{v:.2f}" for v in spread["fd"]) + "; recognisable "
+                  + ", ".join(f"{v:.3f}" for v in spread["recognisable"]) + "."]
     (out / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
     plot(rows, out / "quality.png", sum(real) / 3)
     print("\n".join(lines))
@@ -303,6 +334,9 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=2, help="recipes trained at once")
     p.add_argument("--num", type=int, default=500, help="samples per FD measurement")
     p.add_argument("--bound-t", type=int, default=100, help="timesteps per test digit")
+    p.add_argument("--seed-sets", type=int, default=2,
+                   help="disjoint seed sets of --num samples for the baseline's last "
+                        "checkpoint: the seed noise of FD and the recognisable share")
     p.add_argument("--out-dir", default="benchmarks/results/time_to_quality")
     p.add_argument("--reuse", action="store_true",
                    help="read recipes already measured into --out-dir (their runs/NAME/"
