@@ -199,12 +199,17 @@ def cmd_peer_sample(args) -> None:
     diffusion = _load_peer(Path(args.checkpoint))
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    parts = [diffusion.sample(batch_size=min(args.batch_size, args.num - i))
-             for i in range(0, args.num, args.batch_size)]
-    x01 = torch.cat(parts)                                   # [N, 1, 8, 8] in [0, 1]
-    u8 = (x01 * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    np.savez(args.out, arr_0=u8)
-    print(f"{args.num} samples in {time.perf_counter() - t0:.0f} s -> {args.out}")
+    parts = []
+    for i in range(0, args.num, args.batch_size):
+        parts.append(diffusion.sample(batch_size=min(args.batch_size, args.num - i)))
+        x01 = torch.cat(parts)                               # [N, 1, 8, 8] in [0, 1]
+        u8 = (x01 * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        # rewritten after every batch (the first k batches of a longer run are the same
+        # samples), so a run cut short still leaves every finished batch
+        tmp = Path(args.out).with_suffix(".tmp.npz")
+        np.savez(tmp, arr_0=u8)
+        os.replace(tmp, args.out)
+        print(f"{len(u8)} samples in {time.perf_counter() - t0:.0f} s -> {args.out}", flush=True)
 
 
 def cmd_peer_bound(args) -> None:
@@ -225,7 +230,10 @@ def cmd_peer_bound(args) -> None:
         return peer.model(x_t, t)
 
     test = load_data(DataConfig(name="digits"), "test")
-    if args.part is None:
+    if args.bound_t:
+        bpd, se = stratified_bound(model, diffusion, test.x, test.levels, args.bound_t)
+        res = {"bits_per_dim": bpd, "stderr": se, "estimator": f"stratified, {args.bound_t} t"}
+    elif args.part is None:
         res = evaluate_bpd(model, diffusion, test.x, test.levels, seed=0, clip_denoised=True)
         res = {k: v for k, v in res.items() if k != "per_example"}
     else:
@@ -243,6 +251,15 @@ def cmd_peer_bound(args) -> None:
 
 
 # ---- measuring and reporting (ddpmkit only) ---------------------------------------------------
+
+def stratified_bound(model, diffusion, x0, levels: int, k: int) -> tuple[float, float]:
+    """time_to_quality.py's stratified estimate of the test bound (bits/dim, standard error):
+    per digit, L_T + (T / k) * one L_t from each of k equal blocks of steps, seed 0."""
+    from types import SimpleNamespace
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from time_to_quality import bound_estimate
+    return bound_estimate(SimpleNamespace(model=model, diffusion=diffusion), x0, levels, k)
+
 
 MODELS = [  # (key, label, samples file, bound file, training record)
     ("ours-dpm20", "ddpmkit default (2,200 steps), DPM-Solver++ 2M 20 calls", "ours-dpm20.npz",
@@ -293,32 +310,62 @@ def _read_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def cmd_report(args) -> None:
+def _load_samples(work: Path) -> dict:
+    """Each model's samples that exist, float32 [N, 1, 8, 8] in [-1, 1]."""
     import numpy as np
     import torch
 
     from ddpmkit.data.images import u8_to_float
-    from ddpmkit.metrics import digit_quality, load_digit_classifier, real_digit_baseline
-    from ddpmkit.viz import save_image_grid
-    work, out = Path(args.work), Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    classifier = load_digit_classifier()
-    rows = []
-    for key, label, samples, bound, record in MODELS:
+    found = {}
+    for key, _, samples, _, _ in MODELS:
         files = _sample_files(work, samples)
         if not files:
             print(f"{key}: no {samples} in {work}, left out", flush=True)
             continue
         u8 = torch.from_numpy(np.concatenate([np.load(f)["arr_0"] for f in files]))
-        u8 = u8.permute(0, 3, 1, 2)
-        x = u8_to_float(u8)                                   # [N, 1, 8, 8] in [-1, 1]
+        found[key] = u8_to_float(u8.permute(0, 3, 1, 2))
+    return found
+
+
+def _ours_stratified(ours: str, k: int) -> dict:
+    """The stratified bound estimate of our model, for a paired comparison with a peer bound
+    estimated the same way."""
+    from ddpmkit.config import DataConfig
+    from ddpmkit.data import load_data
+    from ddpmkit.loading import load
+    run = load(ours, device="cpu")
+    test = load_data(DataConfig(name="digits"), "test")
+    bpd, se = stratified_bound(run.model, run.diffusion, test.x, test.levels, k)
+    return {"bits_per_dim": bpd, "stderr": se, "estimator": f"stratified, {k} t"}
+
+
+def cmd_report(args) -> None:
+    import torch
+
+    from ddpmkit.metrics import digit_quality, load_digit_classifier, real_digit_baseline
+    from ddpmkit.viz import save_image_grid
+    work, out = Path(args.work), Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    classifier = load_digit_classifier()
+    samples = _load_samples(work)
+    # FD grows as N shrinks: every model at the same N (the smallest, or --num)
+    n = args.num or min(len(x) for x in samples.values())
+    strat = _ours_stratified(args.ours, args.bound_t) if args.bound_t else None
+    rows = []
+    for key, label, _, bound, record in MODELS:
+        if key not in samples:
+            continue
+        x = samples[key][:n]
         q = digit_quality(x, classifier=classifier)
         save_image_grid(x[:64], out / f"{key}.png", nrow=8)
         b, rec = _bound(work, bound), _read_json(work / record) if record else None
-        rows.append({"model": key, "label": label, "n": q["n"], "fd": q["fd"], "kd": q["kd"],
-                     "recognisable": q["recognisable"], "confidence": q["confidence"],
-                     "classes_present": q["classes_present"],
-                     "bound": b and b["bits_per_dim"], "bound_se": b and b["stderr"],
+        if b and b.get("estimator") is None:
+            b["estimator"] = "all T"
+        rows.append({"model": key, "label": label, "n": q["n"], "of": len(samples[key]),
+                     "fd": q["fd"], "kd": q["kd"], "recognisable": q["recognisable"],
+                     "confidence": q["confidence"], "classes_present": q["classes_present"],
+                     "bound": b, "bound_stratified": strat if key.startswith("ours") else
+                     (b if b and b["estimator"] != "all T" else None),
                      "training": rec and {k: rec[k] for k in ("cpu_minutes", "wall_minutes",
                                                               "steps", "parameters")}})
         print(json.dumps(rows[-1]), flush=True)
@@ -326,12 +373,13 @@ def cmd_report(args) -> None:
     for r in rows:
         if r["training"] is None:
             r["training"] = ours
-    n = rows[0]["n"]
     real = [real_digit_baseline(n=n, seed=s, classifier=classifier) for s in range(3)]
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, "
             f"{os.cpu_count()} cores, shared", "torch": torch.__version__,
-            "peer": _read_json(work / "peer-15min/meta.json")["version"],
-            "left_out": [k for k, _, f, _, _ in MODELS if not _sample_files(work, f)],
+            "peer": next((m["version"] for m in (_read_json(work / f"peer-{k}min/meta.json")
+                                                 for k in (15, 5)) if m), None),
+            "n": n, "bound_t": args.bound_t,
+            "left_out": [k for k, *_ in MODELS if k not in samples],
             "peer_choices": PEER_CHOICES, "ours_checkpoint": args.ours,
             "real_digits_at_n": {"fd": [r["fd"] for r in real],
                                  "recognisable": [r["recognisable"] for r in real]}}
@@ -340,25 +388,35 @@ def cmd_report(args) -> None:
     print(_markdown(rows, meta))
 
 
+def _fmt_bound(b: dict | None) -> str:
+    return f"{b['bits_per_dim']:.3f} ± {b['stderr']:.3f}" if b else "-"
+
+
 def _markdown(rows: list[dict], meta: dict) -> str:
-    real = meta["real_digits_at_n"]
-    lines = ["| model | training | FD (test) | recognisable | test bound, bits/dim |",
-             "|---|---|---|---|---|"]
+    real, n, k = meta["real_digits_at_n"], meta["n"], meta["bound_t"]
+    lines = [f"| model | training | FD (test), N = {n} | recognisable | test bound, all T |"
+             + (f" test bound, {k} stratified t |" if k else ""),
+             "|---|---|---|---|---|" + ("---|" if k else "")]
     for r in rows:
         t = r["training"]
         when = (f"{t['cpu_minutes']:.1f} CPU min, {t['steps']:,} steps" if t["cpu_minutes"]
                 else f"{t['wall_minutes']:.1f} wall min (2 threads), {t['steps']:,} steps")
-        bound = f"{r['bound']:.3f} ± {r['bound_se']:.3f}" if r["bound"] is not None else "-"
+        full = r["bound"] if r["bound"] and r["bound"]["estimator"] == "all T" else None
         lines.append(f"| {r['label']} | {when} | {r['fd']:.2f} | {r['recognisable']:.3f} | "
-                     f"{bound} |")
-    lines.append(f"| real training digits (3 draws of {rows[0]['n']}) | | "
-                 f"{sum(real['fd']) / 3:.2f} | {sum(real['recognisable']) / 3:.3f} | |")
+                     f"{_fmt_bound(full)} |" + (f" {_fmt_bound(r['bound_stratified'])} |"
+                                                if k else ""))
+    lines.append(f"| real training digits (3 draws of {n}) | | {sum(real['fd']) / 3:.2f} | "
+                 f"{sum(real['recognisable']) / 3:.3f} | |" + (" |" if k else ""))
     return "\n".join(lines) + (
         f"\n\n{meta['date']}, {meta['machine']}, torch {meta['torch']}, "
-        f"denoising-diffusion-pytorch {meta['peer']}; {rows[0]['n']} samples per model, seed "
-        f"0; FD: ddpmkit.metrics digit-classifier features against the 297 test digits; "
-        f"bound: all T = 1000 terms (`ddpmkit eval --split test`; the peer's network through "
-        f"the same evaluate_bpd). Commands: benchmarks/peer.py docstring.\n")
+        f"denoising-diffusion-pytorch {meta['peer']}; the first {n} samples of each model "
+        f"(seed 0); FD: ddpmkit.metrics digit-classifier features against the 297 test "
+        f"digits; bound, all T: `ddpmkit eval --split test` (the peer's network through the "
+        f"same evaluate_bpd)" + (f"; stratified: {k} t per digit, one per block of T / {k} "
+                                 f"steps, the same t and noise for every model (seed 0)"
+                                 if k else "") +
+        ". Left out: " + (", ".join(meta["left_out"]) or "nothing") +
+        ". Commands: benchmarks/peer.py docstring.\n")
 
 
 def main(argv=None) -> None:
@@ -373,6 +431,8 @@ def main(argv=None) -> None:
         s.add_argument("--out", required=True)
         s.add_argument("--threads", type=int, default=1)
         if name == "peer-bound":
+            s.add_argument("--bound-t", type=int, default=0,
+                           help="K > 0: stratified estimate from K t per digit (0: all T)")
             s.add_argument("--part", help="i/n: only test digits i, i + n, ... (n processes; "
                            "report merges the parts' files, OUT with .part0.json, ...)")
         if name == "peer-sample":
@@ -382,6 +442,11 @@ def main(argv=None) -> None:
     s = sub.add_parser("report")
     s.add_argument("--work", required=True, help="folder of the .npz and .json files above")
     s.add_argument("--out-dir", default="benchmarks/results/peer")
+    s.add_argument("--num", type=int, default=0,
+                   help="samples per model to score (default: the smallest count found)")
+    s.add_argument("--bound-t", type=int, default=0,
+                   help="K > 0: also our model's stratified bound (K t per digit), to pair "
+                   "with a peer bound estimated so")
     s.add_argument("--ours", default="/work/runs-cond2/digits-uncond",
                    help="the ddpmkit run measured (recorded in results.json)")
     args = p.parse_args(argv)
