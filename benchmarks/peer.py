@@ -12,9 +12,12 @@ repository; the repository does not depend on the peer, and no test imports this
     $V/pip install einops ema-pytorch accelerate tqdm pillow numpy scipy safetensors
     export PYTHONPATH=$PWD/src OUT=/work/scratch/peer    # ddpmkit from this checkout
     $V/python benchmarks/peer.py peer-train --minutes 5 15 --out $OUT
-    C=$OUT/peer-15min                                    # (and the same two for peer-5min)
-    $V/python benchmarks/peer.py peer-sample --checkpoint $C --out $C.npz
-    $V/python benchmarks/peer.py peer-bound --checkpoint $C --out $C.bound.json
+    C=$OUT/peer-15min            # two processes each (one thread): halves, merged by report
+    $V/python benchmarks/peer.py peer-sample --checkpoint $C --out $C.part0.npz --seed 0 --num 500
+    $V/python benchmarks/peer.py peer-sample --checkpoint $C --out $C.part1.npz --seed 1 --num 500
+    $V/python benchmarks/peer.py peer-bound --checkpoint $C --out $C.bound.part0.json --part 0/2
+    $V/python benchmarks/peer.py peer-bound --checkpoint $C --out $C.bound.part1.json --part 1/2
+    (the same for $OUT/peer-5min; its samples were not drawn on 2026-12-03, see README)
     RUN=/work/runs-cond2/digits-uncond                   # a default `ddpmkit train` run
     python -m ddpmkit sample --checkpoint $RUN --num 1000 --out $OUT/ours-dpm20.npz
     python -m ddpmkit sample --checkpoint $RUN --num 1000 --sampler ancestral --steps 0 \
@@ -22,8 +25,8 @@ repository; the repository does not depend on the peer, and no test imports this
     python -m ddpmkit eval --checkpoint $RUN --split test --json > $OUT/ours.bound.json
     python benchmarks/peer.py report --work $OUT --out-dir benchmarks/results/peer
 
-The peer is set up as its README's 2-D example with a width for 8x8 images (every choice is
-in PEER_CHOICES and results.json): ``Unet(dim=32, dim_mults=(1, 2), channels=1)``, its
+The peer's set-up (every choice is in PEER_CHOICES and results.json):
+``Unet(dim=32, dim_mults=(1, 2), channels=1)``, its
 ``GaussianDiffusion`` defaults (``pred_v``, sigmoid schedule, T = 1000, its [0, 1] -> [-1, 1]
 normalisation), and a plain training loop that does what its ``Trainer`` does with the
 Trainer's defaults (Adam lr 1e-4, betas (0.9, 0.99), batch 16, gradient norm clipped at 1,
@@ -438,7 +441,8 @@ def main(argv=None) -> None:
         if name == "peer-sample":
             s.add_argument("--num", type=int, default=1000)
             s.add_argument("--seed", type=int, default=0)
-            s.add_argument("--batch-size", type=int, default=1000)
+            s.add_argument("--batch-size", type=int, default=250,
+                           help="samples per sampling run (the RNG stream depends on it)")
     s = sub.add_parser("report")
     s.add_argument("--work", required=True, help="folder of the .npz and .json files above")
     s.add_argument("--out-dir", default="benchmarks/results/peer")
