@@ -549,12 +549,13 @@ def test_jpeg_fast_path_gives_the_same_pixels_as_pil(tmp_path, monkeypatch):
     assert str(fast_error.value) == str(pil_error.value)  # PIL's own words, either way
 
 
-def test_batch_chw_is_the_transposed_stack():
-    imgs = [np.random.default_rng(i).integers(0, 256, (4, 5, 3), dtype=np.uint8)
-            for i in range(3)]
-    out = batch_chw(imgs)
-    assert out.dtype == torch.uint8 and out.is_contiguous()
-    assert np.array_equal(out.numpy(), np.stack(imgs).transpose(0, 3, 1, 2))
+@pytest.mark.parametrize("shape", [(4, 5, 3), (130, 128, 1)])  # numpy stack / default_collate
+def test_batch_chw_is_the_transposed_stack(shape):
+    imgs = [np.random.default_rng(i).integers(0, 256, shape, dtype=np.uint8) for i in range(3)]
+    for batch in (imgs, np.stack(imgs)):  # a list of images, or one array of them
+        out = batch_chw(batch)
+        assert out.dtype == torch.uint8 and out.is_contiguous()
+        assert np.array_equal(out.numpy(), np.stack(imgs).transpose(0, 3, 1, 2))
 
 
 # ---- property tests: bad input is a DataError, never anything else -----------------------

@@ -246,6 +246,12 @@ def reason(e: BaseException) -> str:
 
 # ---- the 256-level grid, both ways -----------------------------------------------------------
 
+def mirror_rows(x: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[N, C, H, W]`` with the rows where ``mirror`` (bool ``[N]``) is True mirrored
+    left-right (a new tensor)."""
+    return torch.where(mirror.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
 # Rows of at least this many values are converted one at a time on the CPU (below).
 _ROW_AT_A_TIME = 1 << 14
 
@@ -267,7 +273,7 @@ def u8_to_float(u8: torch.Tensor, mirror: torch.Tensor | None = None) -> torch.T
             row.div_(127.5).sub_(1.0)
         return out
     if mirror is not None:
-        u8 = torch.where(mirror[:, None, None, None], u8.flip(-1), u8)
+        u8 = mirror_rows(u8, mirror)
     x = u8.to(torch.float32, memory_format=torch.contiguous_format)
     return x.div_(127.5).sub_(1.0)
 

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Sampler, default_collate
 
 from ..errors import DataError
 from . import images
-from .images import u8_to_float
+from .images import mirror_rows, u8_to_float
 from .sources import ArrayReader, Dataset, DataWarning, ImageReader, read_example
 
 
@@ -75,7 +75,7 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     if x.ndim != 4:
         raise DataError(f"random_flip expects images [N, C, H, W], got shape {tuple(x.shape)}")
     coin = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5
-    return torch.where(coin.to(x.device)[:, None, None, None], x.flip(-1), x)
+    return mirror_rows(x, coin)
 
 
 @dataclass
@@ -108,7 +108,7 @@ class Batch:
         if data.dtype == torch.uint8:
             return u8_to_float(data, mirror)
         if mirror is not None:
-            return torch.where(mirror[:, None, None, None], data.flip(-1), data)
+            return mirror_rows(data, mirror)
         return data
 
 
@@ -161,7 +161,7 @@ class _Examples(torch.utils.data.Dataset):
         if isinstance(r, ArrayReader):  # arrays cannot hold an unreadable image
             u8 = r.read_many(js)
             labels = [r.label(j) for j in js]
-            return batch_chw(list(u8)), torch.tensor(labels, dtype=torch.int64), \
+            return batch_chw(u8), torch.tensor(labels, dtype=torch.int64), \
                 [r.key(j) for j in js], []
         imgs, labels, keys, bad = [], [], [], []
         for j in js:
@@ -178,16 +178,18 @@ class _Examples(torch.utils.data.Dataset):
 _STACK_IN_PLACE = 1 << 14  # values per image from which batch_chw stacks into shared memory
 
 
-def batch_chw(imgs: list[np.ndarray]) -> torch.Tensor:
-    """B uint8 ``[H, W, C]`` images -> one contiguous uint8 ``[B, C, H, W]`` batch.
+def batch_chw(imgs: list[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """B uint8 ``[H, W, C]`` images (a list, or one ``[B, H, W, C]`` array) -> one contiguous
+    uint8 ``[B, C, H, W]`` batch.
 
     One copy per image, straight into the batch: in a DataLoader worker ``default_collate``
     stacks into shared memory, which the batch then travels in as it is. (Stacking with numpy
     and transposing cost two more copies, and a third one when the tensor was moved to
     shared memory on its way out; a 256x256 RGB batch of 128 is 25 MB each time.)
     """
-    if imgs[0].size < _STACK_IN_PLACE:  # small images: one numpy stack is faster
-        return torch.from_numpy(np.ascontiguousarray(np.stack(imgs).transpose(0, 3, 1, 2)))
+    if imgs[0].size < _STACK_IN_PLACE:  # small images: one numpy transposing copy is faster
+        stacked = imgs if isinstance(imgs, np.ndarray) else np.stack(imgs)
+        return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
     with warnings.catch_warnings():  # arrays from PIL are read-only; they are only read here
         warnings.simplefilter("ignore", UserWarning)
         views = [torch.from_numpy(a).permute(2, 0, 1) for a in imgs]
