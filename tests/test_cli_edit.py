@@ -104,13 +104,19 @@ def _digits_u8(n):
     return np.round(imgs / 16 * 255).astype(np.uint8)[..., None]
 
 
-def test_inpaint_npz_keeps_pixels_bit_for_bit(runs, tmp_path, capsys):
-    _, uncond = runs
-    imgs = _digits_u8(3)
+def _bottom_half_task(tmp_path, n):
+    """n test digits in tmp_path/in.npz and a mask PNG marking their bottom half (rows 4-7)."""
+    imgs = _digits_u8(n)
     np.savez(tmp_path / "in.npz", arr_0=imgs)
     mask = np.zeros((8, 8), np.uint8)
     mask[4:] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
+    return imgs
+
+
+def test_inpaint_npz_keeps_pixels_bit_for_bit(runs, tmp_path, capsys):
+    _, uncond = runs
+    imgs = _bottom_half_task(tmp_path, 3)
     out = tmp_path / "out.npz"
     assert main(["inpaint", "--checkpoint", str(uncond), "--image", str(tmp_path / "in.npz"),
                  "--mask", str(tmp_path / "mask.png"), "--out", str(out), "--steps", "3",
@@ -132,11 +138,7 @@ def test_inpaint_npz_keeps_pixels_bit_for_bit(runs, tmp_path, capsys):
 
 def test_inpaint_reconstruction_method(runs, tmp_path, capsys):
     cond, uncond = runs
-    imgs = _digits_u8(2)
-    np.savez(tmp_path / "in.npz", arr_0=imgs)
-    mask = np.zeros((8, 8), np.uint8)
-    mask[4:] = 255
-    Image.fromarray(mask).save(tmp_path / "mask.png")
+    imgs = _bottom_half_task(tmp_path, 2)
     common = ["--image", str(tmp_path / "in.npz"), "--mask", str(tmp_path / "mask.png"),
               "--steps", "3", "--resample", "1", "--no-progress", "--method", "reconstruction"]
     for run, extra in ((uncond, []), (cond, ["--class", "4", "--guidance", "2"])):

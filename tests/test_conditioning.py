@@ -386,6 +386,11 @@ def gaussian_kl(m1, c1, m0, c0):
                   - torch.logdet(c1))
 
 
+def kl_of_generated(samples, mean, cov):
+    """KL from the Gaussian with the generated pixels' sample moments to N(mean, cov)."""
+    return gaussian_kl(samples[:, 2:].mean(0), torch.cov(samples[:, 2:].T), mean, cov)
+
+
 def test_inpainting_keeps_pixels_and_repaint_hits_the_conditional_gaussian():
     """Measured (n = 4000, 50 kept steps of T = 1000, exact denoiser; KL of the fitted
     Gaussian of the generated pixels to the true conditional, and the worst mean error in
@@ -403,10 +408,9 @@ def test_inpainting_keeps_pixels_and_repaint_hits_the_conditional_gaussian():
     plain, _ = run_inpaint("replace", n)
     assert torch.equal(plain[:, :2], x0[:, :2])
     assert mean_error_in_se(plain[:, 2:], mean, cov) > 2 * Z  # replacement alone is biased
-    kl_replace = gaussian_kl(plain[:, 2:].mean(0), torch.cov(plain[:, 2:].T), mean, cov)
-    kl_repaint = gaussian_kl(rep[:, 2:].mean(0), torch.cov(rep[:, 2:].T), mean, cov)
+    kl_replace = kl_of_generated(plain, mean, cov)
+    kl_repaint = kl_of_generated(rep, mean, cov)
     assert kl_repaint < kl_replace / 5, (kl_repaint, kl_replace)
-
 
 
 def test_reconstruction_guidance_moves_generated_pixels_to_the_conditional_gaussian():
@@ -422,8 +426,8 @@ def test_reconstruction_guidance_moves_generated_pixels_to_the_conditional_gauss
     assert torch.equal(rec[:, :2], x0[:, :2])  # bit-identical kept pixels
     law_ok(rec[:, 2:], mean, cov, "reconstruction")
     plain, _ = run_inpaint("replace", n)
-    kl_replace = gaussian_kl(plain[:, 2:].mean(0), torch.cov(plain[:, 2:].T), mean, cov)
-    kl_rec = gaussian_kl(rec[:, 2:].mean(0), torch.cov(rec[:, 2:].T), mean, cov)
+    kl_replace = kl_of_generated(plain, mean, cov)
+    kl_rec = kl_of_generated(rec, mean, cov)
     assert kl_rec < kl_replace / 5, (kl_rec, kl_replace)
     off, _ = run_inpaint("reconstruction", n, recon_weight=0.0, resample=1)
     assert torch.equal(off, plain)
