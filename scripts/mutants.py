@@ -395,9 +395,9 @@ MUTANTS: list[Mutant] = [
       TRAIN, "importance weights T p_t instead of 1 / (T p_t) (biased loss)"),
 
     # ---- data -----------------------------------------------------------------------------
-    M("flip-vertical", "data/loader.py",
+    M("flip-vertical", "data/images.py",
       "x.flip(-1), x)", "x.flip(-2), x)", DATA,
-      "random flips mirror top-bottom instead of left-right"),
+      "random flips (and small uint8 images' mirroring) go top-bottom, not left-right"),
     M("uint8-scale", "data/images.py",
       "return x.div_(127.5).sub_(1.0)", "return x.div_(128.0).sub_(1.0)", DATA,
       "uint8 -> [-1, 1] with 128 (255 maps below 1, off the 256-level grid)"),
@@ -488,13 +488,20 @@ MUTANTS: list[Mutant] = [
       "row.copy_(src.flip(-1) if flip else src)", "row.copy_(src)", DATA,
       "large uint8 images are never mirrored by the random flip"),
     M("to-float-mirror-inverted", "data/images.py",
-      "u8 = torch.where(mirror[:, None, None, None], u8.flip(-1), u8)",
-      "u8 = torch.where(mirror[:, None, None, None], u8, u8.flip(-1))", DATA,
+      "u8 = mirror_rows(u8, mirror)", "u8 = mirror_rows(u8, ~mirror)", DATA,
       "small uint8 images are mirrored where they should not be and kept where they should"),
     M("batch-chw-swaps-h-w", "data/loader.py",
-      "views = [torch.from_numpy(a).permute(2, 0, 1) for a in imgs]",
-      "views = [torch.from_numpy(a).permute(2, 1, 0) for a in imgs]", DATA,
-      "batches from files come out transposed (H and W swapped)"),
+      "row[...] = img.transpose(2, 0, 1)", "row[...] = img.transpose(2, 1, 0)", DATA,
+      "batches of large images from files come out transposed (H and W swapped)"),
+    M("slot-not-copied-out", "data/loader.py",
+      "u8 = u8.clone()", "pass", "tests/test_data_scale.py",
+      "a batch handed out is the worker's shared-memory slot itself, refilled under it"),
+    M("slot-never-released", "data/loader.py",
+      "self.free[slot] = 1", "self.free[slot] = 0", "tests/test_data_scale.py",
+      "workers never get their slots back and allocate fresh shared memory for every batch"),
+    M("workers-not-niced", "data/loader.py",
+      "os.nice(WORKER_NICENESS)", "os.nice(0)", "tests/test_data_scale.py",
+      "decoding workers compete with the trainer at its own priority"),
 ]
 
 

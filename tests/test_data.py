@@ -549,13 +549,17 @@ def test_jpeg_fast_path_gives_the_same_pixels_as_pil(tmp_path, monkeypatch):
     assert str(fast_error.value) == str(pil_error.value)  # PIL's own words, either way
 
 
-@pytest.mark.parametrize("shape", [(4, 5, 3), (130, 128, 1)])  # numpy stack / default_collate
+@pytest.mark.parametrize("shape", [(4, 5, 3), (130, 128, 1), (90, 100, 3)])  # stack / rows
 def test_batch_chw_is_the_transposed_stack(shape):
     imgs = [np.random.default_rng(i).integers(0, 256, shape, dtype=np.uint8) for i in range(3)]
+    want = np.stack(imgs).transpose(0, 3, 1, 2)
     for batch in (imgs, np.stack(imgs)):  # a list of images, or one array of them
         out = batch_chw(batch)
         assert out.dtype == torch.uint8 and out.is_contiguous()
-        assert np.array_equal(out.numpy(), np.stack(imgs).transpose(0, 3, 1, 2))
+        assert np.array_equal(out.numpy(), want)
+        # into a given buffer (a worker's reused shared-memory slot), which it returns
+        buf = torch.full(want.shape, 7, dtype=torch.uint8)
+        assert batch_chw(batch, buf) is buf and np.array_equal(buf.numpy(), want)
 
 
 # ---- property tests: bad input is a DataError, never anything else -----------------------

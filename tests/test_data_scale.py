@@ -136,6 +136,49 @@ def test_resumed_stream_equals_straight_stream_with_other_workers(sources, kind)
     assert flat[43:86] != epoch and sorted(flat[43:86]) == sorted(epoch)  # a fresh one
 
 
+def test_workers_refill_shared_memory_slots_without_touching_batches_handed_out(
+        tmp_path, monkeypatch):
+    """Large images travel in shared-memory slots that each worker fills again and again
+    (loader._SlotPool). Every batch handed out stays what was read, even when all are kept
+    while the workers refill their slots; and the slots are reused, not one per batch."""
+    from ddpmkit.data import loader as loader_module
+    rng = np.random.default_rng(0)
+    for i in range(24):  # 96x96 RGB: 27,648 values per image, over _STACK_IN_PLACE
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i:02d}.png")
+    data = load_data(DataConfig(name=str(tmp_path)))
+    released: list[tuple[int, int]] = []
+    release = loader_module._SlotPool.release
+    monkeypatch.setattr(loader_module._SlotPool, "release",
+                        lambda self, slot: (released.append(slot), release(self, slot))[1])
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        ld = Loader(data, 5, 0, 4, rank_rows(0, 1, 4, 1), workers=workers)
+        out = [ld.next().data for _ in range(30)]  # 5 epochs; all kept until the end
+        ld.close()
+        return out
+
+    want = batches(0)
+    assert not released  # no workers, no slots
+    got = batches(2)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert len(released) == 30  # every batch came in a slot ...
+    assert len(set(released)) <= 2 * 6 < 30  # ... of at most prefetch + 2 per worker
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no process priorities here")
+def test_workers_run_at_a_lower_priority_than_the_trainer(sources):
+    from ddpmkit.data.loader import WORKER_NICENESS
+    data = load_data(DataConfig(name=str(sources["folder"])))
+    ld = Loader(data, 0, 0, 4, rank_rows(0, 1, 4, 1), workers=2)
+    ld.next()
+    pids = [w.pid for w in ld._it._workers]
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert [os.getpriority(os.PRIO_PROCESS, p) for p in pids] == \
+        [min(mine + WORKER_NICENESS, 19)] * 2
+    ld.close()
+
+
 def test_a_different_rank_count_continues_the_epochs_remaining_examples(sources):
     """2 ranks train 5 global batches of 8 (40 of the epoch's 43 examples), then the run
     resumes on 1 rank: its first batch holds the epoch's 3 remaining examples, then the next

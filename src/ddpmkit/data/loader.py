@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, default_collate
+from torch.utils.data import DataLoader, Sampler
 
 from ..errors import DataError
 from . import images
@@ -133,11 +133,50 @@ class _RankSteps(Sampler):
             pos += self.global_batch
 
 
-class _Examples(torch.utils.data.Dataset):
-    """The reader, batch by batch: (uint8 ``[B, C, H, W]``, labels, keys, unreadable met)."""
+class _SlotPool:
+    """Shared-memory batch buffers that DataLoader workers fill again and again.
 
-    def __init__(self, reader: ImageReader, bad_files: str):
-        self.reader, self.bad_files = reader, bad_files
+    A worker that returns a fresh batch allocates it in new shared memory, and the kernel
+    zero-fills and maps it page by page: for 256x256 RGB batches that cost a worker more time
+    than decoding the JPEGs (~250 us per image, ``benchmarks/data.py``). Each worker instead
+    keeps ``slots`` buffers and fills one that the main process has released; the main
+    process copies the batch out (cheap: memory it reuses) and releases the slot at once, so
+    a slot is never written while anything reads it. A worker with no free slot allocates a
+    fresh batch as before, so it never waits.
+    """
+
+    def __init__(self, workers: int, slots: int):
+        # free[w, k] == 1: worker w may fill its slot k. Only worker w clears it, only the
+        # main process sets it, so no two processes ever write the same flag.
+        self.free = torch.ones(max(workers, 1), slots, dtype=torch.uint8).share_memory_()
+        self._buffers: dict[int, torch.Tensor] = {}  # in a worker: its filled slots
+
+    def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        """In a worker: a free uint8 buffer of ``shape`` and its id; None anywhere else."""
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return None
+        w = info.id
+        for k in range(self.free.shape[1]):
+            if self.free[w, k]:
+                buf = self._buffers.get(k)
+                if buf is None or tuple(buf.shape) != shape:
+                    buf = self._buffers[k] = torch.empty(shape, dtype=torch.uint8).share_memory_()
+                self.free[w, k] = 0
+                return buf, (w, k)
+        return None
+
+    def release(self, slot: tuple[int, int]) -> None:
+        """In the main process: the batch in ``slot`` has been copied out."""
+        self.free[slot] = 1
+
+
+class _Examples(torch.utils.data.Dataset):
+    """The reader, batch by batch: (uint8 ``[B, C, H, W]``, labels, keys, unreadable met,
+    the slot of :class:`_SlotPool` the batch lies in or None)."""
+
+    def __init__(self, reader: ImageReader, bad_files: str, pool: _SlotPool | None = None):
+        self.reader, self.bad_files, self.pool = reader, bad_files, pool
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -152,48 +191,70 @@ class _Examples(torch.utils.data.Dataset):
         try:
             return self._read(js)
         except DataError as e:
-            return str(e), None, None, []
+            return str(e), None, None, [], None
         except Exception as e:  # any reader failure on user data (a file changed under us)
-            return f"cannot read {self.reader.where(js[0])}: {images.reason(e)}", None, None, []
+            return (f"cannot read {self.reader.where(js[0])}: {images.reason(e)}", None, None,
+                    [], None)
 
     def _read(self, js: list[int]):
         r = self.reader
         if isinstance(r, ArrayReader):  # arrays cannot hold an unreadable image
             u8 = r.read_many(js)
             labels = [r.label(j) for j in js]
-            return batch_chw(u8), torch.tensor(labels, dtype=torch.int64), \
-                [r.key(j) for j in js], []
+            x, slot = self._stack(u8)
+            return x, torch.tensor(labels, dtype=torch.int64), [r.key(j) for j in js], [], slot
         imgs, labels, keys, bad = [], [], [], []
         for j in js:
             img, label, key, met = read_example(r, j, self.bad_files)
             bad += met
             if img is None:  # bad_files="fail": the main process stops with a one-line error
-                return None, None, None, bad
+                return None, None, None, bad, None
             imgs.append(img)
             labels.append(label)
             keys.append(key)
-        return batch_chw(imgs), torch.tensor(labels, dtype=torch.int64), keys, bad
+        x, slot = self._stack(imgs)
+        return x, torch.tensor(labels, dtype=torch.int64), keys, bad, slot
+
+    def _stack(self, imgs: list[np.ndarray] | np.ndarray):
+        """The batch (:func:`batch_chw`), in a reused slot of the pool when there is one."""
+        h, w, c = imgs[0].shape
+        taken = None
+        if self.pool is not None and h * w * c >= _STACK_IN_PLACE:
+            taken = self.pool.take((len(imgs), c, h, w))
+        if taken is None:
+            return batch_chw(imgs), None
+        out, slot = taken
+        return batch_chw(imgs, out), slot
 
 
-_STACK_IN_PLACE = 1 << 14  # values per image from which batch_chw stacks into shared memory
+# Values per image from which batches are stacked image by image (and workers use slots).
+_STACK_IN_PLACE = 1 << 14
+
+# Workers run at a lower priority than the process they feed: where the cores are all taken,
+# the trainer's step goes first and decoding fills the time it leaves (benchmarks/data.py).
+WORKER_NICENESS = 5
 
 
-def batch_chw(imgs: list[np.ndarray] | np.ndarray) -> torch.Tensor:
+def batch_chw(imgs: list[np.ndarray] | np.ndarray, out: torch.Tensor | None = None
+              ) -> torch.Tensor:
     """B uint8 ``[H, W, C]`` images (a list, or one ``[B, H, W, C]`` array) -> one contiguous
-    uint8 ``[B, C, H, W]`` batch.
+    uint8 ``[B, C, H, W]`` batch (written into ``out`` when given).
 
-    One copy per image, straight into the batch: in a DataLoader worker ``default_collate``
-    stacks into shared memory, which the batch then travels in as it is. (Stacking with numpy
-    and transposing cost two more copies, and a third one when the tensor was moved to
-    shared memory on its way out; a 256x256 RGB batch of 128 is 25 MB each time.)
+    Large images are transposed one at a time straight into the batch, in shared memory when
+    this runs in a DataLoader worker (the batch then travels as it is). numpy's transposing
+    copy is ~2x faster than torch's here (69 against 149 us per 256x256 RGB image).
     """
-    if imgs[0].size < _STACK_IN_PLACE:  # small images: one numpy transposing copy is faster
+    if out is None and imgs[0].size < _STACK_IN_PLACE:  # small: one numpy transposing copy
         stacked = imgs if isinstance(imgs, np.ndarray) else np.stack(imgs)
         return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
-    with warnings.catch_warnings():  # arrays from PIL are read-only; they are only read here
-        warnings.simplefilter("ignore", UserWarning)
-        views = [torch.from_numpy(a).permute(2, 0, 1) for a in imgs]
-    return default_collate(views)
+    if out is None:
+        h, w, c = imgs[0].shape
+        out = torch.empty((len(imgs), c, h, w), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            out.share_memory_()  # before it is written: moving it later would be a copy
+    for row, img in zip(out.numpy(), imgs, strict=True):
+        row[...] = img.transpose(2, 0, 1)
+    return out
 
 
 def _as_is(batch):
@@ -202,6 +263,10 @@ def _as_is(batch):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is per process; the trainer owns the other threads
+    try:
+        os.nice(WORKER_NICENESS)
+    except (AttributeError, OSError):  # pragma: no cover - no nice here: the trainer's priority
+        pass
 
 
 class Loader:
@@ -220,7 +285,7 @@ class Loader:
         self.order = DataOrder(len(data), seed)
         self.pos, self.global_batch, self.rows = start, global_batch, rows
         self.workers = default_workers(data) if workers < 0 else workers
-        self._it = None
+        self._it, self._pool = None, None
         self._warned: set[str] = set()
         self.stream = None  # the position of a pipe: stream (data.stream.StreamState)
         if getattr(data.reader, "streaming", False):
@@ -228,12 +293,15 @@ class Loader:
             self._it, self.stream = stream_loader(
                 data, seed, len(rows), rank, world, self.workers, pin_memory, stream_state)
         elif not data.in_memory:
+            prefetch = 4
+            # prefetch batches queued per worker, one being filled, one being pinned
+            self._pool = _SlotPool(self.workers, prefetch + 2) if self.workers > 0 else None
             loader = DataLoader(
-                _Examples(data.reader, data.bad_files),
+                _Examples(data.reader, data.bad_files, self._pool),
                 batch_sampler=_RankSteps(self.order, start, global_batch, rows),
                 num_workers=self.workers, collate_fn=_as_is, pin_memory=pin_memory,
                 persistent_workers=self.workers > 0,
-                prefetch_factor=4 if self.workers > 0 else None,
+                prefetch_factor=prefetch if self.workers > 0 else None,
                 worker_init_fn=_worker_init if self.workers > 0 else None,
                 # its own generator: by default DataLoader draws a worker seed from the
                 # global RNG, which would shift the trainer's (saved) dropout stream
@@ -246,15 +314,20 @@ class Loader:
             batch = self._from_memory()
         else:
             try:
-                u8, y, keys, bad, *cursor = next(self._it)
+                u8, y, keys, bad, where = next(self._it)
             except RuntimeError as e:  # a worker died (killed, out of memory)
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise DataError(f"a data loader worker failed: {first[:200]}") from None
             if isinstance(u8, str):
                 raise DataError(u8)
             self._report(bad, failed=u8 is None)
-            if cursor and self.stream is not None:
-                self.stream.advance(*cursor[0])
+            if self.stream is not None:  # where: the stream's cursor
+                if where is not None:
+                    self.stream.advance(*where)
+            elif where is not None:  # where: the pool slot the batch lies in
+                if not u8.is_pinned():  # (pinning has already copied it)
+                    u8 = u8.clone()
+                self._pool.release(where)
             batch = Batch(u8, y, keys if self.want_keys else None, bad)
         self.pos += self.global_batch
         return batch
