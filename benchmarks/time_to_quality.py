@@ -44,12 +44,18 @@ import time
 from datetime import date
 from pathlib import Path
 
+# Changes to the digits preset as it is now (sigmoid schedule, v-prediction, since the third
+# sweep). The first two sweeps in benchmarks/results/time_to_quality ran on the preset before
+# (cosine, eps): their "baseline" is today's "cosine-eps", their "v-pred" today's "cosine",
+# their "v-min-snr" today's "cosine-min-snr"; the other names are the same change to either.
 RECIPES: dict[str, dict] = {
     "baseline": {},
+    "cosine-eps": {"diffusion": {"schedule": "cosine", "prediction": "eps"}},
+    "cosine": {"diffusion": {"schedule": "cosine"}},
+    "eps-pred": {"diffusion": {"prediction": "eps"}},
     "min-snr": {"diffusion": {"min_snr_gamma": 5.0}},
+    "cosine-min-snr": {"diffusion": {"schedule": "cosine", "min_snr_gamma": 5.0}},
     "stratified": {"train": {"stratified_t": True}},
-    "v-pred": {"diffusion": {"prediction": "v"}},
-    "v-min-snr": {"diffusion": {"prediction": "v", "min_snr_gamma": 5.0}},
     "ema-short": {"train": {"ema_half_life": 5_000.0}},
     "no-dropout": {"model": {"dropout": 0.0}},
     "lr-2e-3": {"train": {"lr": 2e-3}},

@@ -159,6 +159,15 @@ def test_digits_presets_stop_by_steps_not_by_the_clock():
     assert (nll.diffusion.variance, nll.diffusion.loss) == ("learned_range", "hybrid")
 
 
+def test_digits_presets_use_the_measured_schedule_prediction_and_sampler():
+    """What the README's figures were measured with (issue 14's third sweep): sigmoid
+    schedule and v-prediction for both presets, ancestral sampling with 100 steps."""
+    for name in ("digits", "digits-nll"):
+        p = C.RUN_PRESETS[name]
+        assert (p.diffusion.schedule, p.diffusion.prediction) == ("sigmoid", "v"), name
+        assert (p.sample.sampler, p.sample.steps) == ("ancestral", 100), name
+
+
 # ---- a short run with every recipe on, logged to TensorBoard -----------------------------------
 
 

@@ -376,10 +376,10 @@ def test_resume_with_another_diffusion_is_one_line_naming_the_fields(tmp_path, c
     shutil.copytree(trained, run)
     before = _tree(run, skip=run / ".lock")
     rc, _, err = cli(capsys, "train", "--out", str(run), "--max-steps", "3",
-                     "--prediction", "v", "--schedule", "linear", "--allow-changes",
+                     "--prediction", "eps", "--schedule", "linear", "--allow-changes",
                      "--no-progress")
-    assert_one_error_line(rc, err, "diffusion.schedule 'cosine' -> 'linear'",
-                          "diffusion.prediction 'eps' -> 'v'", "new --out")
+    assert_one_error_line(rc, err, "diffusion.schedule 'sigmoid' -> 'linear'",
+                          "diffusion.prediction 'v' -> 'eps'", "new --out")
     assert _tree(run, skip=run / ".lock") == before
 
 
