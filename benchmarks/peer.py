@@ -18,8 +18,11 @@ repository; the repository does not depend on the peer, and no test imports this
     $V/python benchmarks/peer.py peer-bound --checkpoint $C --out $C.bound.part0.json --part 0/2
     $V/python benchmarks/peer.py peer-bound --checkpoint $C --out $C.bound.part1.json --part 1/2
     (the same for $OUT/peer-5min; its samples were not drawn on 2026-12-03, see README)
-    RUN=/work/runs-cond2/digits-uncond                   # a default `ddpmkit train` run
-    python -m ddpmkit sample --checkpoint $RUN --num 1000 --out $OUT/ours-dpm20.npz
+    RUN=runs/digits                                      # a default `ddpmkit train` run
+    python -m ddpmkit sample --checkpoint $RUN --num 1000 --sampler dpm++2m --steps 20 \
+        --out $OUT/ours-dpm20.npz
+    python -m ddpmkit sample --checkpoint $RUN --num 1000 --sampler ancestral --steps 100 \
+        --out $OUT/ours-ancestral100.npz
     python -m ddpmkit sample --checkpoint $RUN --num 1000 --sampler ancestral --steps 0 \
         --out $OUT/ours-ancestral.npz
     python -m ddpmkit eval --checkpoint $RUN --split test --json > $OUT/ours.bound.json
@@ -267,6 +270,8 @@ def stratified_bound(model, diffusion, x0, levels: int, k: int) -> tuple[float, 
 MODELS = [  # (key, label, samples file, bound file, training record)
     ("ours-dpm20", "ddpmkit default (2,200 steps), DPM-Solver++ 2M 20 calls", "ours-dpm20.npz",
      "ours.bound.json", None),
+    ("ours-ancestral100", "ddpmkit default (2,200 steps), ancestral 100 steps (its sampler)",
+     "ours-ancestral100.npz", "ours.bound.json", None),
     ("ours-ancestral", "ddpmkit default (2,200 steps), ancestral 1000 steps",
      "ours-ancestral.npz", "ours.bound.json", None),
     ("peer-5min", "denoising-diffusion-pytorch, 5 CPU-min, ancestral 1000 steps",
@@ -451,7 +456,7 @@ def main(argv=None) -> None:
     s.add_argument("--bound-t", type=int, default=0,
                    help="K > 0: also our model's stratified bound (K t per digit), to pair "
                    "with a peer bound estimated so")
-    s.add_argument("--ours", default="/work/runs-cond2/digits-uncond",
+    s.add_argument("--ours", default="runs/digits",
                    help="the ddpmkit run measured (recorded in results.json)")
     args = p.parse_args(argv)
     {"peer-train": cmd_peer_train, "peer-sample": cmd_peer_sample,
