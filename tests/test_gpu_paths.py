@@ -359,7 +359,8 @@ def test_sample_gathers_uint8_images(tmp_path, monkeypatch):
                         lambda x, counts, **k: passed.append(x.dtype) or real(x, counts, **k))
     out = tmp_path / "s.npz"
     assert main(["sample", "--checkpoint", str(run), "--num-samples", "5", "--batch-size", "2",
-                 "--steps", "3", "--out", str(out), "--no-progress"]) == 0
+                 "--sampler", "dpm++2m", "--steps", "3", "--out", str(out),
+                 "--no-progress"]) == 0
     assert passed == [torch.uint8]
     arr = np.load(out)["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (5, 8, 8, 1)
