@@ -57,6 +57,8 @@ RECIPES: dict[str, dict] = {
     "cosine-min-snr": {"diffusion": {"schedule": "cosine", "min_snr_gamma": 5.0}},
     "stratified": {"train": {"stratified_t": True}},
     "ema-short": {"train": {"ema_half_life": 5_000.0}},
+    "no-ema-rampup": {"train": {"ema_rampup": 0.0}},
+    "no-warmup": {"train": {"warmup_steps": 0}},
     "no-dropout": {"model": {"dropout": 0.0}},
     "lr-2e-3": {"train": {"lr": 2e-3}},
     "batch-64": {"train": {"batch_size": 64}},
