@@ -48,6 +48,7 @@ from pathlib import Path
 # sweep). The first two sweeps in benchmarks/results/time_to_quality ran on the preset before
 # (cosine, eps): their "baseline" is today's "cosine-eps", their "v-pred" today's "cosine",
 # their "v-min-snr" today's "cosine-min-snr"; the other names are the same change to either.
+# The third sweep's "sigmoid" is today's "eps-pred" and its "sigmoid-v" today's "baseline".
 RECIPES: dict[str, dict] = {
     "baseline": {},
     "cosine-eps": {"diffusion": {"schedule": "cosine", "prediction": "eps"}},
