@@ -391,6 +391,22 @@ def kl_of_generated(samples, mean, cov):
     return gaussian_kl(samples[:, 2:].mean(0), torch.cov(samples[:, 2:].T), mean, cov)
 
 
+INPAINT_N = 4000  # draws per closed-form inpainting test
+
+
+def inpainted_against_replace(method, **kw):
+    """``method`` and plain replacement on the same task, INPAINT_N draws each: both keep the
+    kept pixels bit for bit, and ``method``'s generated pixels pass :func:`law_ok` against the
+    true conditional. Returns (method's draws, replace's draws, their KLs to it)."""
+    mean, cov = conditional_gaussian()
+    got, x0 = run_inpaint(method, INPAINT_N, **kw)
+    plain, _ = run_inpaint("replace", INPAINT_N)
+    for out in (got, plain):
+        assert torch.equal(out[:, :2], x0[:, :2])  # bit-identical kept pixels
+    law_ok(got[:, 2:], mean, cov, method)
+    return got, plain, kl_of_generated(got, mean, cov), kl_of_generated(plain, mean, cov)
+
+
 def test_inpainting_keeps_pixels_and_repaint_hits_the_conditional_gaussian():
     """Measured (n = 4000, 50 kept steps of T = 1000, exact denoiser; KL of the fitted
     Gaussian of the generated pixels to the true conditional, and the worst mean error in
@@ -400,16 +416,10 @@ def test_inpainting_keeps_pixels_and_repaint_hits_the_conditional_gaussian():
     (under-dispersed); jump 2 resample 10: 0.003 / 0.4 SE; jump 5 resample 10: 2.5 SE, variances
     0.176 / 0.272 against 0.142 / 0.256 (over-dispersed); jump 10 resample 10: 6.3 SE. The test pins jump 2 (the default) within 5
     SE in mean and covariance, and replace's gap."""
-    n = 4000
+    _, plain, kl_repaint, kl_replace = inpainted_against_replace("repaint", jump=2,
+                                                                  resample=10)
     mean, cov = conditional_gaussian()
-    rep, x0 = run_inpaint("repaint", n, jump=2, resample=10)
-    assert torch.equal(rep[:, :2], x0[:, :2])  # bit-identical kept pixels
-    law_ok(rep[:, 2:], mean, cov, "repaint")
-    plain, _ = run_inpaint("replace", n)
-    assert torch.equal(plain[:, :2], x0[:, :2])
     assert mean_error_in_se(plain[:, 2:], mean, cov) > 2 * Z  # replacement alone is biased
-    kl_replace = kl_of_generated(plain, mean, cov)
-    kl_repaint = kl_of_generated(rep, mean, cov)
     assert kl_repaint < kl_replace / 5, (kl_repaint, kl_replace)
 
 
@@ -420,16 +430,10 @@ def test_reconstruction_guidance_moves_generated_pixels_to_the_conditional_gauss
     the approximation's variance (1 - alpha_bar) / alpha_bar is too small at low noise); 8:
     0.197 / 33 SE. The test pins w_r = 2 within 5 SE in mean and covariance at 50 network
     calls (RePaint needs 500 for the same KL), and w_r = 0 equal to replace bit for bit."""
-    n = 4000
-    mean, cov = conditional_gaussian()
-    rec, x0 = run_inpaint("reconstruction", n, recon_weight=2.0, resample=1)
-    assert torch.equal(rec[:, :2], x0[:, :2])  # bit-identical kept pixels
-    law_ok(rec[:, 2:], mean, cov, "reconstruction")
-    plain, _ = run_inpaint("replace", n)
-    kl_replace = kl_of_generated(plain, mean, cov)
-    kl_rec = kl_of_generated(rec, mean, cov)
+    _, plain, kl_rec, kl_replace = inpainted_against_replace("reconstruction",
+                                                              recon_weight=2.0, resample=1)
     assert kl_rec < kl_replace / 5, (kl_rec, kl_replace)
-    off, _ = run_inpaint("reconstruction", n, recon_weight=0.0, resample=1)
+    off, _ = run_inpaint("reconstruction", INPAINT_N, recon_weight=0.0, resample=1)
     assert torch.equal(off, plain)
 
 
