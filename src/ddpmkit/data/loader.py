@@ -148,7 +148,7 @@ class _SlotPool:
     def __init__(self, workers: int, slots: int):
         # free[w, k] == 1: worker w may fill its slot k. Only worker w clears it, only the
         # main process sets it, so no two processes ever write the same flag.
-        self.free = torch.ones(max(workers, 1), slots, dtype=torch.uint8).share_memory_()
+        self.free = torch.ones(workers, slots, dtype=torch.uint8).share_memory_()
         self._buffers: dict[int, torch.Tensor] = {}  # in a worker: its filled slots
 
     def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]] | None:
